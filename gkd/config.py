@@ -1,0 +1,176 @@
+"""Typed run configuration: dataclass defaults ← YAML overlays ← command-line `key=value`.
+
+The dataclasses below are the schema and the defaults (the paper's stage-1 recipe). An experiment
+YAML under `configs/` overrides a few of them, and `key=value` arguments override that. OmegaConf's
+structured mode turns an unknown key or a value of the wrong type into an error that names the
+full key. The resolved config is written into the run directory by the engine.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "vit_base_patch14_dinov2"  # timm name or `hf:<hub id or local dir>`
+    checkpoint: Optional[str] = None  # official DINOv2 .pth, timm state dict or .safetensors
+    pretrained: bool = False  # timm names: fetch timm's pretrained weights (needs the hub)
+    random_init: bool = False  # allow a teacher with random weights (smoke tests only)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_teacher / timm kwargs
+
+
+@dataclass
+class StudentConfig:
+    name: str = "deit_small_patch16_224"
+    checkpoint: Optional[str] = None  # initial weights (timm state dict or .safetensors)
+    pretrained: bool = False  # start from timm's pretrained weights (needs the hub)
+    drop_path_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_student / timm kwargs
+
+
+@dataclass
+class MethodConfig:
+    name: str = "gkd"  # a key of gkd.distill.METHODS
+    options: dict[str, Any] = field(default_factory=dict)  # objective kwargs (mask_ratio, weights, ...)
+
+
+@dataclass
+class AugConfig:
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # RandAugment magnitude 9
+    re_prob: float = 0.25  # random erasing
+    interpolation: str = "bicubic"
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = MISSING  # brace pattern, e.g. /data/in1k-wds/train-{000000..001281}.tar
+    num_samples: Optional[int] = None  # default: read from the shard index written by `gkd data shard`
+    img_size: int = 224
+    batch_size: int = 512  # global: per device × processes × grad_accum
+    num_workers: int = 8
+    shuffle_buffer: int = 5000
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    max_steps: Optional[int] = None  # when set, train this many optimizer steps instead
+    lr: float = 5e-4  # at lr_base_batch; scaled linearly with the global batch
+    lr_base_batch: int = 512
+    min_lr: float = 1e-5
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: Optional[float] = None  # max global grad norm; None disables clipping
+    grad_accum: int = 1
+
+
+@dataclass
+class EngineConfig:
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16; None: what `accelerate launch` says
+    cpu: bool = False  # force CPU (also automatic when CUDA is absent)
+    save_every: int = 1000  # optimizer steps between resumable checkpoints
+    keep_last: int = 2  # resumable checkpoints kept on disk
+    log_every: int = 20  # optimizer steps between metrics.jsonl records
+    trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    log_sample_keys: bool = False  # write each rank's sample keys per epoch (audits data splitting)
+
+
+@dataclass
+class DistillConfig:
+    """Stage 1 (task-agnostic) and stage 2 (source-domain) distillation."""
+
+    stage: int = 1
+    seed: int = 0
+    out_dir: str = "runs/stage1"
+    resume: str = "auto"  # auto: latest checkpoint in out_dir if any | never | <checkpoint dir>
+    init: Optional[str] = None  # parent encoder.safetensors (stage 2 starts from stage 1)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+C = TypeVar("C")
+
+
+def load_config(schema: type[C], overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> C:
+    """Merge `schema` defaults, YAML `overlays` (in order) and `key=value` `overrides`.
+
+    Returns a typed, read-only DictConfig that behaves like an instance of `schema`.
+    Raises ConfigError naming the offending key, file or argument.
+    """
+    cfg = OmegaConf.structured(schema)
+    for path in overlays:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        cfg = _merge(cfg, OmegaConf.load(path), f"in {path}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"in override {item!r}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"required config keys have no value: {', '.join(missing)}")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg  # type: ignore[return-value]
+
+
+def _merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except OmegaConfBaseException as e:
+        # OmegaConf's message already holds `full_key: ...`; keep its first lines, say where.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(ln for ln in lines if not ln.startswith(("object_type", "reference_type")))
+        raise ConfigError(f"{detail} ({where})") from None
+
+
+def parse_cli(schema: type[C], argv: Sequence[str] | None = None) -> C:
+    """Parse `[--config FILE ...] [key=value ...]` as every stage entry point takes them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overlays, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-c", "--config"):
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a file")
+            overlays.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            overlays.append(arg.split("=", 1)[1])
+        elif arg in ("-h", "--help"):
+            print(f"usage: [--config FILE.yaml ...] [key=value ...]\n\ndefaults:\n{OmegaConf.to_yaml(OmegaConf.structured(schema))}")
+            raise SystemExit(0)
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg!r}; use --config FILE and key=value overrides")
+        else:
+            overrides.append(arg)
+        i += 1
+    return load_config(schema, overlays, overrides)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

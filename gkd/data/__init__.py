@@ -1,0 +1,46 @@
+"""Data: webdataset shard writer and reader, image transforms.
+
+Names are imported lazily (PEP 562) so that ``import gkd.data`` stays cheap for the CLI:
+timm and torch are only loaded when a transform or the reader is first used.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # gkd.data.shards — writer
+    "write_shards": "shards",
+    "ShardIndex": "shards",
+    "list_images": "shards",
+    "index_path": "shards",
+    # gkd.data.wds — reader
+    "build_shard_loader": "wds",
+    "resolve_shards": "wds",
+    "verify_shards": "wds",
+    "count_samples": "wds",
+    "count_tar_samples": "wds",
+    "default_steps_per_epoch": "wds",
+    "ShardSet": "wds",
+    "ShardStream": "wds",
+    "ShardReadError": "wds",
+    # gkd.data.transforms
+    "build_train_transform": "transforms",
+    "build_eval_transform": "transforms",
+    "teacher_mean_std": "transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gkd.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

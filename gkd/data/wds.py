@@ -1,0 +1,514 @@
+"""Deterministic, resumable webdataset reader for distributed training.
+
+``build_shard_loader`` returns a ``torch.utils.data.DataLoader`` whose batches are dicts::
+
+    image   float32 [B, 3, H, W]   transformed images
+    label   int64   [B]            ``cls`` of each sample (-1 when the shard has none)
+    skipped int64   [B]            1 where the sample's own image could not be decoded and the
+                                   slot was filled with another image; ``skipped.sum()`` is the
+                                   number of undecodable samples since the worker's previous batch
+
+How samples are split (all of it is a pure function of seed, epoch, rank, world size, the
+DataLoader's worker count and the shards, so every rank computes the same plan without talking):
+
+1. The shard list is shuffled with (seed, epoch), identically on all ranks.
+2. Shards are dealt to ranks (``shards[rank::world_size]``), then each rank's shards to its
+   workers. When there are fewer shards than ranks (or than a rank's workers) that level splits
+   at the sample level instead: every reader walks the same shards and keeps every k-th sample.
+   Either way, different ranks and workers read different samples.
+3. Each worker reads its shards in order, cycling over them when it runs short, through a shuffle
+   buffer seeded with (seed, epoch, rank, worker), and cuts the stream into batches of exactly
+   ``batch_size`` raw samples.
+4. Every rank yields exactly ``steps_per_epoch`` batches (default: total samples //
+   (batch_size * world_size)), so DDP ranks never wait on one another at the end of an epoch.
+   Worker ``w`` of ``W`` produces the batches ``i`` with ``i % W == w``; the DataLoader's
+   round-robin then returns them in order ``0, 1, 2, ...``.
+5. Before the transform, python ``random``, numpy and torch's CPU generator are seeded from
+   (seed, epoch, pass, sample key), so a sample's augmentation does not depend on worker count
+   or on resuming. The caller's RNG states are restored afterwards.
+6. ``start_step=k`` drops the raw (undecoded) samples of batches ``0..k-1`` and rotates the
+   worker roles so that worker 0 produces batch ``k``: the resumed batches equal batches
+   ``k, k+1, ...`` of the uninterrupted epoch exactly (same ``num_workers`` required).
+
+An undecodable image never shifts the stream (that would break exact resume): its slot is filled
+with the nearest decodable sample of the same batch (searching forward), or, if the whole batch is
+bad, the next decodable sample after it, augmented with the bad sample's own seed. It is counted
+in ``skipped`` and logged once per key.
+
+Total samples come from, in order: the ``num_samples`` argument, the index JSON written by
+``gkd.data.shards.write_shards`` (found beside the shards), or counting the members of every local
+tar (reads all tar headers once; remote shards need an index or ``num_samples``). When an index is
+known, each shard's sample count is checked as it is read, which also catches truncated tars.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import io
+import logging
+import os
+import random
+import tarfile
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from gkd.data.shards import ShardIndex
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "img", "image")
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_MAX_LOOKAHEAD = 10_000  # raw samples searched for a donor when a whole batch is undecodable
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "sftp://", "scp://", "ais://")
+
+ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+class ShardReadError(RuntimeError):
+    """A shard is missing, truncated or not a valid tar. The message names the shard."""
+
+
+# ============================================================================ shard resolution
+
+@dataclass
+class ShardSet:
+    """Resolved shard URLs; ``counts[i]`` = samples in ``urls[i]`` (None when not known)."""
+
+    urls: list[str]
+    counts: list[int] | None = None
+    declared_samples: int | None = None
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int | None:
+        if self.declared_samples is not None:
+            return self.declared_samples
+        return None if self.counts is None else int(sum(self.counts))
+
+
+def _is_local(url: str) -> bool:
+    return not url.startswith(_REMOTE_PREFIXES)
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def _check_exist(urls: Sequence[str]) -> None:
+    missing = [u for u in urls if _is_local(u) and not os.path.isfile(_local_path(u))]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist: {shown}")
+
+
+def _from_index(path: str) -> ShardSet:
+    index = ShardIndex.load(path)
+    urls = index.shard_paths
+    _check_exist(urls)
+    return ShardSet(urls=urls, counts=list(index.counts), classes=list(index.classes))
+
+
+def _from_dir(path: str) -> ShardSet:
+    indexes = sorted(glob.glob(os.path.join(path, "*-index.json")))
+    if len(indexes) == 1:
+        return _from_index(indexes[0])
+    if len(indexes) > 1:
+        raise ValueError(f"{path} holds several shard indexes ({', '.join(map(os.path.basename, indexes))}); "
+                         "pass one of them")
+    urls = sorted(glob.glob(os.path.join(path, "*.tar")))
+    if not urls:
+        raise FileNotFoundError(f"no *.tar shards and no *-index.json in {path}")
+    return ShardSet(urls=urls)
+
+
+def _counts_from_neighbour_indexes(urls: Sequence[str]) -> tuple[list[int] | None, list[str]]:
+    """Per-shard counts from ``*-index.json`` files in the shards' folders, if they cover all."""
+    known: dict[str, int] = {}
+    classes: list[str] = []
+    for folder in sorted({os.path.dirname(os.path.abspath(_local_path(u))) for u in urls if _is_local(u)}):
+        for ipath in sorted(glob.glob(os.path.join(folder, "*-index.json"))):
+            try:
+                index = ShardIndex.load(ipath)
+            except (ValueError, KeyError, OSError):
+                continue
+            classes = classes or list(index.classes)
+            known.update({os.path.abspath(p): c for p, c in zip(index.shard_paths, index.counts)})
+    counts = [known.get(os.path.abspath(_local_path(u))) for u in urls]
+    return (None, []) if any(c is None for c in counts) else (counts, classes)
+
+
+def count_tar_samples(url: str) -> int:
+    """Number of samples (distinct keys) in one local tar; reads every member header."""
+    keys = set()
+    try:
+        with tarfile.open(_local_path(url), "r:") as tar:
+            for member in tar:
+                if member.isreg():
+                    keys.add(wds.tariterators.base_plus_ext(member.name)[0])
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ShardReadError(f"cannot read shard {url} (truncated or not a tar?): {exc}") from exc
+    keys.discard(None)
+    return len(keys)
+
+
+def resolve_shards(spec: ShardSpec, num_samples: int | None = None) -> ShardSet:
+    """Turn a shard spec into a checked ``ShardSet``.
+
+    ``spec``: a brace pattern (``dir/train-{000000..000012}.tar``), a list of paths/patterns, a
+    folder (its single ``*-index.json``, else all its ``*.tar``) or an index JSON. Missing local
+    shards raise ``FileNotFoundError`` naming them.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        s = os.fspath(spec)
+        if os.path.isdir(s):
+            shard_set = _from_dir(s)
+        elif s.endswith(".json"):
+            shard_set = _from_index(s)
+        else:
+            shard_set = ShardSet(urls=list(braceexpand(s)))
+    else:
+        shard_set = ShardSet(urls=[u for item in spec for u in braceexpand(os.fspath(item))])
+    if not shard_set.urls:
+        raise ValueError(f"shard spec {spec!r} names no shards")
+    _check_exist(shard_set.urls)
+    if shard_set.counts is None:
+        shard_set.counts, shard_set.classes = _counts_from_neighbour_indexes(shard_set.urls)
+    if num_samples is not None:
+        shard_set.declared_samples = int(num_samples)
+    elif shard_set.counts is None:
+        remote = [u for u in shard_set.urls if not _is_local(u)]
+        if remote:
+            raise ValueError(f"cannot count samples in remote shards (e.g. {remote[0]}): "
+                             "pass num_samples or use an index JSON")
+        logger.info("no shard index found: counting samples in %d shards", len(shard_set.urls))
+        shard_set.counts = [count_tar_samples(u) for u in shard_set.urls]
+    return shard_set
+
+
+def count_samples(spec: ShardSpec, num_samples: int | None = None) -> int:
+    """Total samples of a shard spec: ``num_samples`` if given, else the index, else tar headers."""
+    return resolve_shards(spec, num_samples=num_samples).num_samples
+
+
+def verify_shards(spec: ShardSpec) -> ShardSet:
+    """Read every shard's tar headers (pre-flight check); raises ``ShardReadError`` naming a bad
+    shard or a count that disagrees with the index."""
+    shard_set = resolve_shards(spec)
+    for i, url in enumerate(shard_set.urls):
+        n = count_tar_samples(url)
+        if shard_set.counts is not None and n != shard_set.counts[i]:
+            raise ShardReadError(f"shard {url} holds {n} samples but its index says {shard_set.counts[i]}")
+    return shard_set
+
+
+# ============================================================================ split plan
+
+def _mix(*parts: Any) -> int:
+    """Stable 64-bit seed from any printable parts (python's hash() is salted per process)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """Shard indices in this epoch's order; the same on every rank."""
+    order = list(range(num_shards))
+    random.Random(_mix("shards", seed, epoch)).shuffle(order)
+    return order
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """One reader (rank, worker): walk ``shards`` in order, keep positions ``p % modulo == remainder``."""
+
+    shards: tuple[int, ...]
+    modulo: int = 1
+    remainder: int = 0
+
+
+def read_plan(order: Sequence[int], rank: int, world_size: int, worker: int, num_workers: int) -> ReadPlan:
+    """Deal shards to ranks then workers; fall back to sample-level splits when shards are few."""
+    if len(order) >= world_size:
+        shards, modulo, remainder = tuple(order[rank::world_size]), 1, 0
+    else:
+        shards, modulo, remainder = tuple(order), world_size, rank
+    if modulo == 1 and len(shards) >= num_workers:
+        return ReadPlan(shards[worker::num_workers])
+    # sample level: keep p with p % modulo == remainder, then every num_workers-th of those
+    return ReadPlan(shards, modulo * num_workers, remainder + modulo * worker)
+
+
+# ============================================================================ streaming helpers
+
+def _read_shard(url: str, expected: int | None) -> Iterator[dict]:
+    """Raw samples of one tar (bytes, undecoded); errors name the shard."""
+    n = 0
+    try:
+        for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
+            n += 1
+            yield sample
+    except (ShardReadError, GeneratorExit):
+        raise
+    except Exception as exc:  # tarfile / gopen / webdataset errors: say which shard
+        raise ShardReadError(f"cannot read shard {url} after {n} samples (truncated or corrupt tar?): "
+                             f"{type(exc).__name__}: {exc}") from exc
+    if expected is not None and n != expected:
+        raise ShardReadError(f"shard {url} holds {n} samples but its index says {expected} "
+                             "(truncated or replaced shard?)")
+
+
+def _one_pass(plan: ReadPlan, urls: Sequence[str], counts: Sequence[int] | None) -> Iterator[dict]:
+    """This reader's raw samples from one walk over its shards."""
+    pos = 0
+    for i in plan.shards:
+        for sample in _read_shard(urls[i], None if counts is None else counts[i]):
+            if pos % plan.modulo == plan.remainder:
+                yield sample
+            pos += 1
+
+
+def _shuffle(stream: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Seeded shuffle buffer over a finite stream (flushed, shuffled, at its end)."""
+    buf: list[dict] = []
+    for sample in stream:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        j = rng.randrange(bufsize)
+        yield buf[j]
+        buf[j] = sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _reader_stream(plan: ReadPlan, urls: Sequence[str], counts: Sequence[int] | None,
+                   bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Endless shuffled stream of this reader's raw samples, cycling over its shards.
+
+    Each pass is shuffled on its own, so a pass is used up before any sample repeats; samples
+    get ``__pass__`` (the pass number) for their augmentation seed.
+    """
+    n_pass = 0
+    while True:
+        kept = 0
+        for sample in _shuffle(_one_pass(plan, urls, counts), max(1, bufsize), rng):
+            sample["__pass__"] = n_pass
+            kept += 1
+            yield sample
+        if kept == 0:
+            raise RuntimeError(f"reader {plan} got no samples from its shards: fewer samples than "
+                               "ranks x workers?")
+        n_pass += 1
+
+
+class _Lookahead:
+    """Iterator with ``peek(n)``, used to find a donor image past a fully undecodable batch."""
+
+    def __init__(self, it: Iterator[dict]) -> None:
+        self._it, self._buf = it, deque()
+
+    def next(self) -> dict:
+        return self._buf.popleft() if self._buf else next(self._it)
+
+    def peek(self, n: int) -> dict:
+        while len(self._buf) <= n:
+            self._buf.append(next(self._it))
+        return self._buf[n]
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """Restore python/numpy/torch-CPU RNG states (matters when num_workers=0: the training
+    process's generators must not be reseeded by the data pipeline)."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # CPU only: never touches CUDA generators
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """Fallback transform: PIL RGB -> float [3,H,W] in [0,1]."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div_(255)
+
+
+# ============================================================================ dataset
+
+class ShardStream(IterableDataset):
+    """Yields this rank's batches of one epoch (see module docstring); ``len`` = batches left."""
+
+    def __init__(self, shard_set: ShardSet, transform: Callable | None, batch_size: int, *,
+                 rank: int, world_size: int, epoch: int, seed: int, steps_per_epoch: int,
+                 start_step: int = 0, shuffle_buffer: int = 1000, return_keys: bool = False) -> None:
+        super().__init__()
+        self.shard_set, self.transform = shard_set, transform or _to_tensor
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.epoch, self.seed = epoch, seed
+        self.steps_per_epoch, self.start_step = steps_per_epoch, start_step
+        self.shuffle_buffer, self.return_keys = shuffle_buffer, return_keys
+        self._logged: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    # --- plan ---------------------------------------------------------------------------------
+    def _plan(self, worker: int, num_workers: int) -> ReadPlan:
+        order = epoch_shard_order(len(self.shard_set.urls), self.seed, self.epoch)
+        return read_plan(order, self.rank, self.world_size, worker, num_workers)
+
+    # --- iteration ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
+        # Rotate roles on resume so that DataLoader worker 0 produces batch start_step.
+        role = (worker_id + self.start_step) % num_workers
+        n_skip = len(range(role, self.start_step, num_workers))
+        n_emit = len(range(role, self.steps_per_epoch, num_workers)) - n_skip
+        if n_emit <= 0:
+            return
+        plan = self._plan(role, num_workers)
+        rng = random.Random(_mix("buffer", self.seed, self.epoch, self.rank, role, num_workers))
+        stream = _Lookahead(_reader_stream(plan, self.shard_set.urls, self.shard_set.counts,
+                                           self.shuffle_buffer, rng))
+        try:
+            for _ in range(n_skip * self.batch_size):  # resume: drop raw bytes, decode nothing
+                stream.next()
+            for _ in range(n_emit):
+                yield self._make_batch([stream.next() for _ in range(self.batch_size)], stream)
+        finally:
+            stream.close()
+
+    def _decode(self, sample: dict) -> tuple[Image.Image, int] | None:
+        """(RGB image, label), or None (logged once per key) when the sample is unusable."""
+        key = sample.get("__key__")
+        try:
+            data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
+            if data is None:
+                raise ValueError(f"no image field (looked for {', '.join(IMAGE_FIELDS)})")
+            label = int(sample["cls"]) if "cls" in sample else -1
+            with Image.open(io.BytesIO(data)) as im:
+                img = im.convert("RGB")  # convert() forces a full decode
+            return img, label
+        except _DECODE_ERRORS as exc:
+            if key not in self._logged:
+                self._logged.add(key)
+                logger.warning("skipping undecodable sample %s in %s: %s: %s", key,
+                               sample.get("__url__"), type(exc).__name__, exc)
+            return None
+
+    def _donor(self, decoded: list, j: int, stream: _Lookahead) -> tuple[Image.Image, int]:
+        """Nearest decodable sample after slot j in this batch, else after the batch."""
+        b = len(decoded)
+        for k in range(1, b):
+            if decoded[(j + k) % b] is not None:
+                return decoded[(j + k) % b]
+        for n in range(_MAX_LOOKAHEAD):  # peeked samples stay in the stream for later batches
+            got = self._decode(stream.peek(n))
+            if got is not None:
+                return got
+        raise RuntimeError(f"no decodable image among {b + _MAX_LOOKAHEAD} consecutive samples "
+                           f"(rank {self.rank}); the shards look broken")
+
+    def _make_batch(self, raw: list[dict], stream: _Lookahead) -> dict:
+        decoded = [self._decode(s) for s in raw]
+        skipped = [int(d is None) for d in decoded]
+        images, labels = [], []
+        with _preserved_rng():
+            for j, sample in enumerate(raw):
+                img, label = decoded[j] if decoded[j] is not None else self._donor(decoded, j, stream)
+                # The slot's own key seeds it, so a donor image gets a fresh augmentation.
+                _seed_all(_mix("aug", self.seed, self.epoch, sample["__pass__"], sample["__key__"]))
+                images.append(self.transform(img))
+                labels.append(label)
+        batch = {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64),
+                 "skipped": torch.tensor(skipped, dtype=torch.int64)}
+        if self.return_keys:
+            batch["key"] = [s["__key__"] for s in raw]
+        return batch
+
+
+# ============================================================================ public builder
+
+def default_steps_per_epoch(num_samples: int, batch_size_per_rank: int, world_size: int) -> int:
+    """Full global batches per epoch: ``num_samples // (batch_size_per_rank * world_size)``."""
+    return num_samples // (batch_size_per_rank * world_size)
+
+
+def build_shard_loader(
+    shards: ShardSpec,
+    transform: Callable | None,
+    batch_size_per_rank: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    seed: int = 0,
+    num_workers: int = 0,
+    steps_per_epoch: int | None = None,
+    start_step: int = 0,
+    shuffle_buffer: int = 1000,
+    num_samples: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    return_keys: bool = False,
+) -> DataLoader:
+    """DataLoader over webdataset shards for one epoch of one rank; rebuild it every epoch.
+
+    Args:
+        shards: brace pattern, list, folder or index JSON (see ``resolve_shards``).
+        transform: PIL RGB image -> float tensor [3,H,W] (all the same size); None: to [0,1] tensor.
+        batch_size_per_rank: B of every batch.
+        rank, world_size: this process's place in the DDP group; do not pass the loader to
+            ``accelerator.prepare`` (it already splits the data).
+        epoch, seed: select the shard order, shuffle buffers and augmentation seeds.
+        num_workers: DataLoader worker processes (0 = in this process). Part of the split plan:
+            resuming exactly needs the same value.
+        steps_per_epoch: batches every rank yields; default ``num_samples // (B * world_size)``.
+        start_step: first batch of this epoch to yield (resume); earlier ones are skipped undecoded.
+        shuffle_buffer: raw samples in each reader's shuffle buffer (1 = no shuffling).
+        num_samples: declared total (overrides the index; needed for remote shards without one).
+        pin_memory: passed to the DataLoader.
+        return_keys: also yield ``key``: list of sample keys.
+
+    Returns:
+        ``DataLoader`` of dict batches (module docstring); ``len()`` = ``steps_per_epoch -
+        start_step``; ``loader.dataset.steps_per_epoch`` and ``loader.dataset.shard_set`` describe it.
+    """
+    if batch_size_per_rank < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batch/rank settings: B={batch_size_per_rank}, rank={rank}, world={world_size}")
+    shard_set = resolve_shards(shards, num_samples=num_samples)
+    if steps_per_epoch is None:
+        steps_per_epoch = default_steps_per_epoch(shard_set.num_samples, batch_size_per_rank, world_size)
+        if steps_per_epoch < 1:
+            raise ValueError(f"{shard_set.num_samples} samples cannot fill one global batch of "
+                             f"{batch_size_per_rank} x {world_size}")
+    if not 0 <= start_step <= steps_per_epoch:
+        raise ValueError(f"start_step {start_step} outside [0, {steps_per_epoch}]")
+    dataset = ShardStream(shard_set, transform, batch_size_per_rank, rank=rank, world_size=world_size,
+                          epoch=epoch, seed=seed, steps_per_epoch=steps_per_epoch, start_step=start_step,
+                          shuffle_buffer=shuffle_buffer, return_keys=return_keys)
+    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=False, **extra)

@@ -1,0 +1,285 @@
+"""The distillation loop (stages 1 and 2) on accelerate: build → prepare → loop → save.
+
+One optimizer step consumes `grad_accum` micro-batches on every process. Everything random in a
+step (masks, drop path) is seeded from (seed, step, rank, micro-batch) and the data stream is a
+deterministic function of (seed, epoch, position), so a run resumed from a checkpoint continues
+exactly where the uninterrupted run would be.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from gkd.config import DistillConfig, to_container, to_yaml
+from gkd.data import build_shard_loader, build_train_transform, count_samples
+from gkd.distill import build_objective
+from gkd.engine.checkpoint import CheckpointManager, load_encoder, save_encoder
+from gkd.models import Tokens, build_student, build_teacher
+
+log = logging.getLogger(__name__)
+
+# Parameters that are embeddings or tokens: no weight decay, as in DeiT/DINOv2 training.
+_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "mask_token", "reg_token", "register_tokens")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before the bad update."""
+
+
+class DistillModel(nn.Module):
+    """Student plus the objective's heads: the one module DDP wraps and the optimizer trains."""
+
+    def __init__(self, student: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor, teacher: Tokens) -> dict[str, torch.Tensor]:
+        """images [B,3,H,W], teacher tokens → {'loss': scalar, 'loss_*': detached terms}."""
+        return self.objective(self.student, images, teacher)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices and kernels; spare biases, norms, tokens and position tables."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(_NO_DECAY_SUFFIXES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, minimum: float) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine down to `minimum` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return minimum + 0.5 * (peak - minimum) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_accelerator(cfg: DistillConfig) -> Accelerator:
+    out_dir = Path(cfg.out_dir)
+    return Accelerator(
+        cpu=cfg.engine.cpu or not torch.cuda.is_available(),
+        mixed_precision=cfg.engine.mixed_precision,
+        log_with=list(cfg.engine.trackers) or None,
+        project_dir=str(out_dir),
+    )
+
+
+def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> Path:
+    """Run a distillation stage; return the path of the written `encoder.safetensors`."""
+    accelerator = accelerator or make_accelerator(cfg)
+    out_dir = Path(cfg.out_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    accum = cfg.optim.grad_accum
+    if cfg.data.batch_size % (world * accum):
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by processes ({world}) × "
+            f"optim.grad_accum ({accum})"
+        )
+    micro_batch = cfg.data.batch_size // (world * accum)
+
+    # ---- build ---------------------------------------------------------------------------------
+    t = cfg.teacher
+    if not (t.checkpoint or t.pretrained or t.name.startswith("hf:") or t.random_init):
+        raise ValueError(
+            f"teacher {t.name} has no weights: set teacher.checkpoint=<file>, teacher.pretrained=true "
+            "(timm hub) or, for smoke tests only, teacher.random_init=true"
+        )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    teacher = build_teacher(t.name, t.checkpoint, img_size=cfg.data.img_size, pretrained=t.pretrained and not t.checkpoint,
+                            **t.kwargs)
+    student = build_student(
+        cfg.student.name, img_size=cfg.data.img_size, grid=teacher.grid, checkpoint=cfg.student.checkpoint,
+        drop_path_rate=cfg.student.drop_path_rate, pretrained=cfg.student.pretrained, **cfg.student.kwargs,
+    )
+    if cfg.init:
+        load_encoder(cfg.init, student, student.spec)
+    objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim, **cfg.method.options)
+    model = DistillModel(student, objective)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    teacher.to(device)  # frozen, never wrapped by DDP
+
+    num_samples = cfg.data.num_samples or count_samples(cfg.data.train_shards)
+    steps_per_epoch = num_samples // cfg.data.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_samples} training samples are fewer than one global batch ({cfg.data.batch_size})")
+    total = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.optim.lr * cfg.data.batch_size / cfg.optim.lr_base_batch
+    transform = build_train_transform(img_size=cfg.data.img_size, mean=teacher.mean, std=teacher.std, **cfg.data.aug)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    ckpts = CheckpointManager(out_dir, cfg.engine.keep_last)
+    state: dict[str, Any] = {"step": 0, "images_seen": 0, "train_seconds": 0.0}
+    resume_from = ckpts.latest() if cfg.resume == "auto" else (None if cfg.resume == "never" else Path(cfg.resume))
+    if resume_from is not None:
+        state.update(ckpts.load(accelerator, resume_from))
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    accelerator.init_trackers("gkd", config=_flat(to_container(cfg)))
+    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator)
+    if accelerator.is_main_process:
+        log.info(
+            "stage %d: %d samples, %d steps/epoch, %d steps, global batch %d (%d/process × %d processes × %d accum), "
+            "peak lr %.3g", cfg.stage, num_samples, steps_per_epoch, total, cfg.data.batch_size, micro_batch, world,
+            accum, peak_lr,
+        )
+
+    # ---- loop ------------------------------------------------------------------------------------
+    progress = tqdm(total=total, initial=state["step"], disable=not accelerator.is_local_main_process, desc=f"stage {cfg.stage}")
+    window: dict[str, float] = {}
+    window_start = time.perf_counter()
+    while state["step"] < total:
+        epoch, first = divmod(state["step"], steps_per_epoch)
+        batches = _batches(cfg, transform, micro_batch, rank, world, epoch, steps_per_epoch * accum, first * accum)
+        skipped = torch.zeros((), dtype=torch.long)
+        for _ in range(first, min(steps_per_epoch, first + total - state["step"])):
+            step = state["step"]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, warmup, peak_lr, cfg.optim.min_lr)
+            nonfinite = torch.zeros((), device=device)
+            for micro in range(accum):
+                batch = next(batches)
+                skipped += batch["skipped"].sum()
+                if cfg.engine.log_sample_keys:
+                    _log_keys(out_dir, rank, epoch, batch["key"])
+                torch.manual_seed(_step_seed(cfg.seed, step, rank, micro))  # masks, drop path
+                images = batch["image"].to(device, non_blocking=True)
+                sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    teacher_tokens = teacher(images)
+                    out = model(images, teacher_tokens)
+                    accelerator.backward(out["loss"] / accum)
+                nonfinite += (~torch.isfinite(out["loss"].detach())).float()
+                for k, v in out.items():
+                    window[k] = window.get(k, 0.0) + float(v.detach()) / accum
+            if accelerator.reduce(nonfinite, "sum").item() > 0:  # every rank stops together
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (epoch {epoch}); the update was not applied. "
+                    f"Last good checkpoint: {ckpts.latest() or 'none'}"
+                )
+            if cfg.optim.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            state["images_seen"] += cfg.data.batch_size
+            progress.update(1)
+            window["steps"] = window.get("steps", 0) + 1
+
+            if state["step"] % cfg.engine.log_every == 0 or state["step"] == total:
+                elapsed = time.perf_counter() - window_start
+                state["train_seconds"] += elapsed
+                record = metrics.write_window(window, state, epoch, optimizer.param_groups[0]["lr"], elapsed, cfg.data.batch_size)
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                window, window_start = {}, time.perf_counter()
+            if state["step"] % cfg.engine.save_every == 0 and state["step"] < total:
+                ckpts.save(accelerator, state)
+        n_skipped = int(accelerator.reduce(skipped.to(device), "sum").item())
+        metrics.write({"event": "epoch_end", "epoch": epoch, "step": state["step"], "skipped_corrupt": n_skipped})
+        if n_skipped and accelerator.is_main_process:
+            log.warning("epoch %d: skipped %d corrupt image(s) (see the log for their keys)", epoch, n_skipped)
+    progress.close()
+
+    # ---- save --------------------------------------------------------------------------------------
+    ckpts.save(accelerator, state)
+    checksums = accelerator.gather(_param_checksum(model).to(device).reshape(1)).tolist()
+    metrics.write({"event": "end", "step": state["step"], "param_checksum_per_rank": checksums})
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"parameters diverged across ranks (checksums {checksums}): distributed training is broken")
+    encoder_path = out_dir / "encoder.safetensors"
+    if accelerator.is_main_process:
+        student = accelerator.unwrap_model(model).student
+        save_encoder(encoder_path, student, student.spec, stage=cfg.stage, config=to_container(cfg), parent=cfg.init)
+        log.info("wrote %s", encoder_path)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return encoder_path
+
+
+def _batches(cfg: DistillConfig, transform, micro_batch: int, rank: int, world: int, epoch: int,
+             micro_steps: int, start: int) -> Iterator[dict[str, Any]]:
+    """This rank's micro-batches of `epoch`, from micro-step `start` on."""
+    loader = build_shard_loader(
+        cfg.data.train_shards, transform, micro_batch, rank=rank, world_size=world, epoch=epoch,
+        seed=cfg.seed, num_workers=cfg.data.num_workers, steps_per_epoch=micro_steps, start_step=start,
+        shuffle_buffer=cfg.data.shuffle_buffer, num_samples=cfg.data.num_samples,
+        pin_memory=torch.cuda.is_available(), return_keys=cfg.engine.log_sample_keys,
+    )
+    return iter(loader)
+
+
+def _step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 4099 + rank * 131 + micro) % (2**63 - 1)
+
+
+@torch.no_grad()
+def _param_checksum(model: nn.Module) -> torch.Tensor:
+    return sum((p.detach().double().sum() for p in model.parameters()), torch.zeros((), dtype=torch.float64))
+
+
+def _log_keys(out_dir: Path, rank: int, epoch: int, keys: list[str]) -> None:
+    path = out_dir / "sample_keys" / f"rank{rank}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.writelines(f"{epoch}\t{k}\n" for k in keys)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested config for trackers that only take scalars."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+class MetricsLog:
+    """Appends JSON records to metrics.jsonl (main process) and forwards them to trackers."""
+
+    def __init__(self, path: Path, accelerator: Accelerator):
+        self.path = path
+        self.accelerator = accelerator
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def write_window(self, window: dict[str, float], state: dict[str, Any], epoch: int, lr: float,
+                     elapsed: float, global_batch: int) -> dict[str, Any]:
+        """Average the window's loss terms over steps and ranks; log and return the record."""
+        steps = window.pop("steps")
+        names = sorted(window)
+        means = torch.tensor([window[k] / steps for k in names], device=self.accelerator.device)
+        means = self.accelerator.reduce(means, "mean").tolist()
+        record = {"step": state["step"], "epoch": epoch, "lr": lr, **dict(zip(names, means)),
+                  "images_per_s": steps * global_batch / max(elapsed, 1e-9),
+                  "images_seen": state["images_seen"], "train_seconds": round(state["train_seconds"], 3)}
+        self.write(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
+        return record

@@ -1,0 +1,227 @@
+"""Reading weight files and mapping their key layouts onto timm modules.
+
+Supported layouts:
+* official DINOv2 ``.pth`` (``cls_token, pos_embed, register_tokens, mask_token, patch_embed.proj.*,
+  blocks.N.* or chunked blocks.C.N.*, ls1.gamma, mlp.fc1/fc2 or mlp.w12/w3 (ViT-g), norm.*``);
+* timm state dicts, bare or wrapped in ``{'model': ...}`` / ``{'state_dict': ...}`` and/or with a
+  ``module.`` prefix;
+* ``.safetensors`` files holding either.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+_log = logging.getLogger(__name__)
+
+StateDict = dict[str, Tensor]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model: the message lists missing / unexpected / mis-shaped keys."""
+
+
+def load_state_dict_file(path: str | Path) -> StateDict:
+    """Read a ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file.
+
+    Wrappers ``{'model': sd}``, ``{'state_dict': sd}`` and a ``module.`` prefix on every key are removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: object = load_file(str(path), device="cpu")
+    else:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    return unwrap_state_dict(obj)
+
+
+def unwrap_state_dict(obj: object) -> StateDict:
+    """Strip the usual containers around a state dict (see ``load_state_dict_file``)."""
+    for _ in range(3):  # e.g. {'model': {'state_dict': ...}}
+        if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+            for key in ("model", "state_dict", "model_state_dict", "module"):
+                if key in obj and isinstance(obj[key], Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                break
+    if not isinstance(obj, Mapping) or not _is_tensor_dict(obj):
+        raise CheckpointError("file does not hold a state dict of tensors (nor model/state_dict wrapper)")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+_CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.*)$")
+
+
+def is_official_dinov2(sd: Mapping[str, Tensor]) -> bool:
+    """True when ``sd`` uses an official-DINOv2-only key (mask_token, register_tokens, chunks, w12/w3)."""
+    return any(
+        k in ("mask_token", "register_tokens") or _CHUNKED.match(k) or ".mlp.w12." in k or ".mlp.w3." in k
+        for k in sd
+    )
+
+
+def official_dinov2_to_timm(sd: Mapping[str, Tensor]) -> tuple[StateDict, Tensor | None]:
+    """Rename an official DINOv2 state dict to timm's ``VisionTransformer`` keys.
+
+    Returns (timm state dict, mask_token [1, C] or None). Chunked ``blocks.C.N.*`` become ``blocks.N.*``
+    (N is already the global block index: the official chunks pad with parameter-free Identities);
+    ``mlp.w12/w3`` (SwiGLU, ViT-g) become ``mlp.fc1/fc2`` (timm's packed SwiGLU splits fc1 the same
+    way: first half gated by SiLU). With registers, timm's ``no_embed_class`` layout is used: the
+    class position entry is folded into ``cls_token`` (the official forward adds it unchanged and
+    never interpolates it), ``pos_embed`` keeps only the patch grid, and registers become ``reg_token``.
+    """
+    out: StateDict = {}
+    src = dict(sd)
+    mask_token = src.pop("mask_token", None)
+    if "register_tokens" in src:
+        pos = src.pop("pos_embed")
+        out["reg_token"] = src.pop("register_tokens")
+        out["cls_token"] = src.pop("cls_token") + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    for k, v in src.items():
+        m = _CHUNKED.match(k)
+        if m:
+            k = f"blocks.{m.group(2)}.{m.group(3)}"
+        k = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", k)
+        k = re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)
+        if k in out:
+            raise CheckpointError(f"duplicate key after renaming official DINOv2 layout: {k}")
+        out[k] = v
+    return out, mask_token
+
+
+_HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.*)$")
+# transformers Dinov2 per-layer names (v5 and v4) -> official DINOv2 names
+_HF_RENAMES = (
+    ("attention.o_proj.", "attn.proj."),
+    ("attention.output.dense.", "attn.proj."),
+    ("layer_scale1.lambda1", "ls1.gamma"),
+    ("layer_scale2.lambda1", "ls2.gamma"),
+    ("mlp.weights_in.", "mlp.w12."),
+    ("mlp.weights_out.", "mlp.w3."),
+    ("mlp.down_proj.", "mlp.w3."),
+)
+
+
+def is_hf_dinov2(sd: Mapping[str, Tensor]) -> bool:
+    """True for a transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` state dict."""
+    return "embeddings.patch_embeddings.projection.weight" in sd and any(_HF_LAYER.match(k) for k in sd)
+
+
+def hf_dinov2_to_official(sd: Mapping[str, Tensor]) -> StateDict:
+    """Rename a transformers Dinov2 state dict (v4 or v5 names) to the official DINOv2 layout.
+
+    Separate q/k/v projections are stacked into ``qkv`` (rows q, k, v as in the official Linear);
+    SwiGLU ``gate_proj``/``up_proj`` are stacked into ``w12`` (gate first: silu(first half) * second).
+    """
+    out: StateDict = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
+    swiglu: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for k, v in sd.items():
+        if k.startswith("embeddings."):
+            name = k[len("embeddings."):]
+            name = {"position_embeddings": "pos_embed"}.get(name, name)
+            name = name.replace("patch_embeddings.projection.", "patch_embed.proj.")
+            out[name] = v
+            continue
+        if k.startswith("layernorm."):
+            out["norm." + k[len("layernorm."):]] = v
+            continue
+        m = _HF_LAYER.match(k)
+        if not m:
+            out[k] = v  # unknown key: left for the strict check to report
+            continue
+        idx, rest = m.groups()
+        qm = re.match(r"attention\.(?:attention\.)?(q_proj|k_proj|v_proj|query|key|value)\.(weight|bias)$", rest)
+        if qm:
+            part = {"q_proj": "q", "query": "q", "k_proj": "k", "key": "k", "v_proj": "v", "value": "v"}[qm.group(1)]
+            qkv.setdefault((idx, qm.group(2)), {})[part] = v
+            continue
+        gm = re.match(r"mlp\.(gate_proj|up_proj)\.(weight|bias)$", rest)
+        if gm:
+            swiglu.setdefault((idx, gm.group(2)), {})[gm.group(1)] = v
+            continue
+        for a, b in _HF_RENAMES:
+            rest = rest.replace(a, b)
+        out[f"blocks.{idx}.{rest}"] = v
+    for (idx, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"layer {idx}: incomplete q/k/v {kind} ({sorted(parts)})")
+        out[f"blocks.{idx}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    for (idx, kind), parts in swiglu.items():
+        if set(parts) != {"gate_proj", "up_proj"}:
+            raise CheckpointError(f"layer {idx}: incomplete SwiGLU {kind} ({sorted(parts)})")
+        out[f"blocks.{idx}.mlp.w12.{kind}"] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=0)
+    return out
+
+
+def to_timm_vit_layout(sd: Mapping[str, Tensor]) -> tuple[StateDict, Tensor | None, str]:
+    """Any supported ViT layout -> (timm state dict, mask_token or None, layout name).
+
+    Layout names: ``"hf_dinov2"``, ``"official_dinov2"`` or ``"timm"`` (returned unchanged).
+    """
+    if is_hf_dinov2(sd):
+        timm_sd, mask = official_dinov2_to_timm(hf_dinov2_to_official(sd))
+        return timm_sd, mask, "hf_dinov2"
+    if is_official_dinov2(sd):
+        timm_sd, mask = official_dinov2_to_timm(sd)
+        return timm_sd, mask, "official_dinov2"
+    return dict(sd), None, "timm"
+
+
+def drop_classifier(sd: StateDict, model: nn.Module, who: str) -> StateDict:
+    """Remove the classifier-head keys of a timm model (built with num_classes=0), logging them.
+
+    A teacher/student encoder has no classifier; a timm checkpoint of a classification model does.
+    Dropping it is the one deliberate exception to strict loading, and it is logged, not silent.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier", "head")
+    heads = [heads] if isinstance(heads, str) else list(heads)
+    own = set(model.state_dict())
+    dropped = [k for k in sd if any(k.startswith(h + ".") for h in heads) and k not in own]
+    if dropped:
+        _log.info("%s: dropping classifier keys not used by the encoder: %s", who, ", ".join(sorted(dropped)))
+    return {k: v for k, v in sd.items() if k not in dropped}
+
+
+def check_state_dict(own: Mapping[str, Tensor], sd: Mapping[str, Tensor], who: str) -> None:
+    """Raise ``CheckpointError`` listing every missing / unexpected / mis-shaped key of ``sd`` vs ``own``."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(sd)
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes)}")
+        raise CheckpointError(f"{who}: checkpoint does not match the model — " + " | ".join(parts))
+
+
+def strict_load(module: nn.Module, sd: Mapping[str, Tensor], who: str) -> None:
+    """``load_state_dict(strict=True)`` after a check whose error lists every offending key."""
+    check_state_dict(module.state_dict(), sd, who)
+    module.load_state_dict(dict(sd), strict=True)
