@@ -14,6 +14,7 @@ from gkd.engine import train_distill
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
     try:
         cfg = parse_cli(DistillConfig, argv)
     except ConfigError as e:

@@ -370,6 +370,24 @@ def test_hf_teacher_slices_last_hidden_state(tmp_path, registers: bool) -> None:
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_hf_dinov3_teacher_skips_registers(tmp_path) -> None:
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    cfg = DINOv3ViTConfig(hidden_size=DIM, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=2 * DIM,
+                          patch_size=16, image_size=64, num_register_tokens=4)
+    model = DINOv3ViTModel(cfg).eval()
+    model.save_pretrained(tmp_path / "dinov3")
+    teacher = build_teacher("hf:" + str(tmp_path / "dinov3"), img_size=64)
+    x = _images(64, 96)
+    with torch.no_grad():
+        hidden = model(pixel_values=x).last_hidden_state  # [B, 1 + 4 + 4*6, C]
+    out = teacher(x)
+    assert out.grid == (4, 6) and hidden.shape[1] == 1 + 4 + 24
+    torch.testing.assert_close(out.cls, hidden[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.patch, hidden[:, 5:], atol=1e-6, rtol=0)
+
+
 def test_hf_weights_with_official_rule(tmp_path) -> None:
     model, path = _tiny_hf(tmp_path, registers=False)
     official = build_teacher("hf:" + path, pos_interp="official")
