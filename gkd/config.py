@@ -22,6 +22,7 @@ class TeacherConfig:
     checkpoint: Optional[str] = None  # official DINOv2 .pth, timm state dict or .safetensors
     pretrained: bool = False  # timm names: fetch timm's pretrained weights (needs the hub)
     random_init: bool = False  # allow a teacher with random weights (smoke tests only)
+    patch_size: Optional[int] = None  # resample the patch kernel (stage 2: 14 → 16 px)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_teacher / timm kwargs
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from gkd.engine.checkpoint import file_sha256, load_encoder, read_metadata, save_encoder
+from gkd.engine.checkpoint import file_sha256, load_handoff, read_metadata, save_handoff
 
 SPEC = {"name": "toy", "kind": "vit", "img_size": 224, "patch_size": 14, "grid": [16, 16], "embed_dim": 8}
 
@@ -19,13 +19,14 @@ def _enc(seed: int) -> nn.Module:
 def test_roundtrip_and_metadata(tmp_path):
     parent = tmp_path / "parent.safetensors"
     parent.write_bytes(b"not really weights, but hashed all the same")
-    path = save_encoder(tmp_path / "encoder.safetensors", _enc(0), SPEC, stage=1, config={"seed": 3}, parent=parent)
+    path = save_handoff(tmp_path / "encoder.safetensors", _enc(0), SPEC, stage=1, config={"seed": 3}, parent=parent,
+                        extra={"input_norm": {"mean": [0.5] * 3, "std": [0.25] * 3}})
     meta = read_metadata(path)
     assert meta["gkd_stage"] == 1 and meta["gkd_spec"] == SPEC and meta["gkd_config"] == {"seed": 3}
     assert meta["gkd_parent_sha256"] == file_sha256(parent)
-    assert meta["gkd_version"]
+    assert meta["gkd_version"] and meta["gkd_input_norm"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
     other = _enc(1)
-    load_encoder(path, other, dict(SPEC, grid=(16, 16)))  # tuple vs list is the same spec
+    load_handoff(path, other, dict(SPEC, grid=(16, 16)))  # tuple vs list is the same spec
     for a, b in zip(_enc(0).state_dict().values(), other.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with safe_open(str(path), framework="pt") as f:
@@ -34,16 +35,16 @@ def test_roundtrip_and_metadata(tmp_path):
 
 
 def test_spec_mismatch_is_refused_naming_fields(tmp_path):
-    path = save_encoder(tmp_path / "e.safetensors", _enc(0), SPEC, stage=1)
+    path = save_handoff(tmp_path / "e.safetensors", _enc(0), SPEC, stage=1)
     with pytest.raises(ValueError, match=r"grid.*\n.*patch_size|patch_size"):
-        load_encoder(path, _enc(0), dict(SPEC, patch_size=16, grid=[14, 14]))
+        load_handoff(path, _enc(0), dict(SPEC, patch_size=16, grid=[14, 14]))
 
 
 def test_key_mismatch_lists_keys(tmp_path):
-    path = save_encoder(tmp_path / "e.safetensors", _enc(0), SPEC, stage=1)
+    path = save_handoff(tmp_path / "e.safetensors", _enc(0), SPEC, stage=1)
     bigger = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     with pytest.raises(KeyError, match=r"2\.weight"):
-        load_encoder(path, bigger, SPEC)
+        load_handoff(path, bigger, SPEC)
 
 
 def test_file_without_metadata_is_rejected(tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from gkd.config import DistillConfig, load_config
 from gkd.data import write_shards
-from gkd.engine import NonFiniteLossError, load_encoder, read_metadata, train_distill
+from gkd.engine import NonFiniteLossError, load_handoff, read_metadata, train_distill
 from gkd.models import build_student_from_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_stage1_learns_and_hands_over(tmp_path, shards):
     meta = read_metadata(path)
     assert meta["gkd_stage"] == 1 and meta["gkd_config"]["out_dir"] == str(out)
     student = build_student_from_spec(meta["gkd_spec"])
-    load_encoder(path, student, student.spec)  # strict, spec checked
+    load_handoff(path, student, student.spec)  # strict, spec checked
     assert not any("qsd" in k or "objective" in k for k in student.state_dict())
 
 
@@ -201,7 +201,7 @@ def test_two_process_ddp_on_real_images(tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     meta = read_metadata(out / "encoder.safetensors")
     student = build_student_from_spec(meta["gkd_spec"])
-    load_encoder(out / "encoder.safetensors", student, student.spec)
+    load_handoff(out / "encoder.safetensors", student, student.spec)
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path, shards):

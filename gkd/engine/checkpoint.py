@@ -6,7 +6,7 @@ written into `step_XXXXXXXX.tmp` and renamed when complete, so a run killed mid-
 previous checkpoint as the latest complete one.
 
 The handoff file (`encoder.safetensors`) holds the student encoder only, with its model spec,
-resolved config, code version and the parent file's hash in the safetensors header; `load_encoder`
+resolved config, code version and the parent file's hash in the safetensors header; `load_handoff`
 refuses a file whose spec differs from the model it is asked to fill.
 """
 from __future__ import annotations
@@ -107,18 +107,24 @@ def code_version() -> str:
     return f"{gkd.__version__}+g{rev}" if rev else gkd.__version__
 
 
-def save_encoder(
+def save_handoff(
     path: str | Path,
-    encoder: nn.Module,
+    module: nn.Module,
     spec: Mapping[str, Any],
     *,
     stage: int,
     config: Mapping[str, Any] | None = None,
     parent: str | Path | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `encoder`'s weights and provenance to a safetensors file, atomically."""
+    """Write `module`'s weights and provenance to a safetensors file, atomically.
+
+    Header fields: gkd_stage, gkd_spec (the model spec a loader must match), gkd_config (resolved
+    run config), gkd_version, gkd_parent_sha256, and one `gkd_<key>` JSON field per `extra` item
+    (e.g. the input normalisation the encoder was trained with).
+    """
     path = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     metadata = {
         "format": "pt",
         "gkd_stage": str(stage),
@@ -126,6 +132,7 @@ def save_encoder(
         "gkd_config": json.dumps(config or {}, sort_keys=True),
         "gkd_version": code_version(),
         "gkd_parent_sha256": file_sha256(parent) if parent else "",
+        **{f"gkd_{k}": json.dumps(v, sort_keys=True) for k, v in (extra or {}).items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -140,9 +147,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = f.metadata() or {}
     if "gkd_spec" not in meta:
         raise ValueError(f"{path} has no GKD metadata: not an encoder/segmentor handoff file")
-    out: dict[str, Any] = dict(meta)
-    for key in ("gkd_spec", "gkd_config"):
-        out[key] = json.loads(meta[key])
+    plain = ("gkd_stage", "gkd_version", "gkd_parent_sha256")
+    out: dict[str, Any] = {k: (v if k in plain or not k.startswith("gkd_") else json.loads(v)) for k, v in meta.items()}
     out["gkd_stage"] = int(meta["gkd_stage"])
     return out
 
@@ -161,18 +167,18 @@ def _canon(value: Any) -> str:
     return json.dumps(value, sort_keys=True)  # tuples and lists compare equal
 
 
-def load_encoder(path: str | Path, encoder: nn.Module, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill `encoder` (whose spec is `spec`) from a handoff file, strictly; return its metadata."""
+def load_handoff(path: str | Path, module: nn.Module, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill `module` (whose spec is `spec`) from a handoff file, strictly; return its metadata."""
     meta = read_metadata(path)
     diffs = spec_mismatch(spec, meta["gkd_spec"])
     if diffs:
         raise ValueError(f"{path} was written for another model; refusing to load it:\n  " + "\n  ".join(diffs))
     state = load_file(str(path))
-    own = set(encoder.state_dict())
+    own = set(module.state_dict())
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
         raise KeyError(f"{path} does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
-    encoder.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True)
     return meta
 
 

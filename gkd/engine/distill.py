@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from gkd.config import DistillConfig, to_container, to_yaml
 from gkd.data import build_shard_loader, build_train_transform, count_samples
 from gkd.distill import build_objective
-from gkd.engine.checkpoint import CheckpointManager, load_encoder, save_encoder
+from gkd.engine.checkpoint import CheckpointManager, load_handoff, save_handoff
 from gkd.models import Tokens, build_student, build_teacher
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,14 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
             "(timm hub) or, for smoke tests only, teacher.random_init=true"
         )
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    teacher = build_teacher(t.name, t.checkpoint, img_size=cfg.data.img_size, pretrained=t.pretrained and not t.checkpoint,
-                            **t.kwargs)
+    teacher = build_teacher(t.name, t.checkpoint, img_size=cfg.data.img_size, patch_size=t.patch_size,
+                            pretrained=t.pretrained and not t.checkpoint, **t.kwargs)
     student = build_student(
         cfg.student.name, img_size=cfg.data.img_size, grid=teacher.grid, checkpoint=cfg.student.checkpoint,
         drop_path_rate=cfg.student.drop_path_rate, pretrained=cfg.student.pretrained, **cfg.student.kwargs,
     )
     if cfg.init:
-        load_encoder(cfg.init, student, student.spec)
+        load_handoff(cfg.init, student, student.spec)
     objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim, **cfg.method.options)
     model = DistillModel(student, objective)
     optimizer = torch.optim.AdamW(
@@ -211,7 +211,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     encoder_path = out_dir / "encoder.safetensors"
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(model).student
-        save_encoder(encoder_path, student, student.spec, stage=cfg.stage, config=to_container(cfg), parent=cfg.init)
+        save_handoff(encoder_path, student, student.spec, stage=cfg.stage, config=to_container(cfg), parent=cfg.init,
+                     extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)}})
         log.info("wrote %s", encoder_path)
     accelerator.wait_for_everyone()
     accelerator.end_training()
