@@ -1,15 +1,16 @@
 """The `gkd` command.
 
     gkd data shard SRC OUT [--shard-size N]     image folder → webdataset shards + index
-    gkd stage1 [--config FILE] [key=value ...]  stage 1 in this process (multi-GPU: accelerate launch stages/stage1.py)
+    gkd stageN [--config FILE] [key=value ...]  stage N in this process (multi-GPU: accelerate launch stages/stageN.py)
     gkd inspect FILE.safetensors                provenance of a handoff file
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+
+from gkd.engine.common import setup_logging
 
 
 def _cmd_data_shard(args: argparse.Namespace) -> int:
@@ -21,12 +22,10 @@ def _cmd_data_shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_stage1(args: argparse.Namespace) -> int:
-    from gkd.config import DistillConfig, parse_cli
-    from gkd.engine import train_distill
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from gkd.engine.stages import run_stage
 
-    path = train_distill(parse_cli(DistillConfig, args.rest))
-    print(path)
+    print(run_stage(args.stage, args.rest))
     return 0
 
 
@@ -52,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--no-shuffle", action="store_true", help="keep the folder's sorted order")
     shard.set_defaults(func=_cmd_data_shard)
 
-    stage1 = sub.add_parser("stage1", help="run stage-1 distillation in this process")
-    stage1.add_argument("rest", nargs=argparse.REMAINDER, help="--config FILE and key=value overrides")
-    stage1.set_defaults(func=_cmd_stage1)
+    for stage, what in ((1, "task-agnostic distillation"), (2, "source-domain distillation")):
+        p = sub.add_parser(f"stage{stage}", help=f"run stage {stage} ({what}) in this process")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="--config FILE and key=value overrides")
+        p.set_defaults(func=_cmd_stage, stage=stage)
 
     inspect = sub.add_parser("inspect", help="print the metadata of encoder/segmentor .safetensors")
     inspect.add_argument("file")
@@ -63,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
+    setup_logging()
     args = build_parser().parse_args(argv)
     from gkd.config import ConfigError
 

@@ -28,7 +28,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    name: str = "deit_small_patch16_224"
+    name: Optional[str] = None  # timm name; stage 2 takes it from the parent encoder when unset
     checkpoint: Optional[str] = None  # initial weights (timm state dict or .safetensors)
     pretrained: bool = False  # start from timm's pretrained weights (needs the hub)
     drop_path_rate: float = 0.0
@@ -103,6 +103,57 @@ class DistillConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
+@dataclass
+class SegDataConfig:
+    manifest: str = MISSING  # name in data_manifests/ or a path to a manifest YAML
+    root: Optional[str] = None  # dataset root; default $GKD_DATA_ROOT/<manifest default_root>
+    split: str = "train"
+    fraction: float = 1.0  # label-efficient training: this fraction of the labelled images (e.g. 0.0625)
+    crop_size: int = 512
+    scale: list[int] = field(default_factory=lambda: [2048, 512])  # keep-ratio resize target ...
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # ... times a random ratio
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    batch_size: int = 4  # global
+    num_workers: int = 4
+    on_bad: str = "error"  # error | skip: a missing label, an unmapped value, a size mismatch
+
+
+@dataclass
+class DecoderConfig:
+    name: str = "mask2former"  # a key of gkd.models.DECODERS
+    layers: Optional[list[int]] = None  # encoder blocks to tap; default: the paper's for the depth
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SegOptimConfig:
+    iters: int = 40000
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    power: float = 0.9  # poly decay
+    min_lr: float = 0.0
+    warmup_iters: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: Optional[float] = None
+    grad_accum: int = 1
+
+
+@dataclass
+class SegmentConfig:
+    """Stage 3: a decoder trained on the frozen stage-2 encoder with source-domain labels."""
+
+    stage: int = 3
+    seed: int = 0
+    out_dir: str = "runs/stage3"
+    resume: str = "auto"
+    encoder: str = MISSING  # encoder.safetensors from stage 1 or 2
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(save_every=4000, log_every=50))
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
@@ -110,13 +161,17 @@ class ConfigError(ValueError):
 C = TypeVar("C")
 
 
-def load_config(schema: type[C], overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> C:
-    """Merge `schema` defaults, YAML `overlays` (in order) and `key=value` `overrides`.
+def load_config(schema: type[C], overlays: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                base: dict[str, Any] | None = None) -> C:
+    """Merge `schema` defaults, `base` (an entry point's own defaults), YAML `overlays` (in order)
+    and `key=value` `overrides`.
 
     Returns a typed, read-only DictConfig that behaves like an instance of `schema`.
     Raises ConfigError naming the offending key, file or argument.
     """
     cfg = OmegaConf.structured(schema)
+    if base:
+        cfg = _merge(cfg, base, "in the entry point's defaults")
     for path in overlays:
         path = Path(path)
         if not path.is_file():
@@ -143,7 +198,7 @@ def _merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:
         raise ConfigError(f"{detail} ({where})") from None
 
 
-def parse_cli(schema: type[C], argv: Sequence[str] | None = None) -> C:
+def parse_cli(schema: type[C], argv: Sequence[str] | None = None, base: dict[str, Any] | None = None) -> C:
     """Parse `[--config FILE ...] [key=value ...]` as every stage entry point takes them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overlays, overrides = [], []
@@ -166,7 +221,7 @@ def parse_cli(schema: type[C], argv: Sequence[str] | None = None) -> C:
         else:
             overrides.append(arg)
         i += 1
-    return load_config(schema, overlays, overrides)
+    return load_config(schema, overlays, overrides, base)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -18,48 +18,10 @@ from gkd.config import DistillConfig, load_config
 from gkd.data import write_shards
 from gkd.engine import NonFiniteLossError, load_handoff, read_metadata, train_distill
 from gkd.models import build_student_from_spec
+from helpers import TINY, make_images, reset_accelerate
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET_SAMPLE = REPO.parent / "shared" / "data" / "imagenet_sample"
-
-TINY = [
-    "teacher.name=vit_small_patch14_dinov2", "teacher.kwargs.depth=1", "teacher.kwargs.embed_dim=48",
-    "teacher.kwargs.num_heads=2", "teacher.random_init=true",
-    "student.name=vit_tiny_patch16_224", "student.kwargs.depth=1", "student.kwargs.embed_dim=32",
-    "student.kwargs.num_heads=2",
-    "data.img_size=56", "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16",
-    "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.lr=2e-3", "engine.log_every=1", "engine.save_every=2",
-]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; each in-process run must start from scratch."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def _images(folder: Path, n: int, seed: int = 0) -> Path:
-    """n smooth random RGB images in ImageNet's <wnid>/<name>.JPEG layout, 3 classes."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        d = folder / f"n0000000{i % 3}"
-        d.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((80, 64), Image.BILINEAR).save(d / f"img_{i:04d}.JPEG", quality=90)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("wds")
-    write_shards(_images(root / "train", 48), root / "out", shard_size=12)
-    return str(root / "out" / "train-{000000..000003}.tar")
-
 
 def _cfg(out_dir: Path, shards: str, *extra: str) -> DistillConfig:
     return load_config(DistillConfig, [], [*TINY, f"data.train_shards={shards}", f"out_dir={out_dir}", *extra])
@@ -103,7 +65,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, shards, monkeypat
     monkeypatch.setattr(loop, "lr_at", dying_lr_at)
     with pytest.raises(KeyboardInterrupt):
         train_distill(_cfg(tmp_path / "cut", shards, "data.num_workers=2"))
-    _fresh_accelerate_state_now()
+    reset_accelerate()
     assert (tmp_path / "cut" / "checkpoints" / "step_00000004").is_dir()
     monkeypatch.setattr(loop, "lr_at", real_lr_at)
     resumed = train_distill(_cfg(tmp_path / "cut", shards, "data.num_workers=2"))
@@ -114,14 +76,6 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, shards, monkeypat
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-
-
-def _fresh_accelerate_state_now() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, shards, monkeypatch):
@@ -146,7 +100,7 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, shards, monkeypat
 
 
 def test_corrupt_image_is_skipped_and_reported(tmp_path):
-    src = _images(tmp_path / "imgs", 16)
+    src = make_images(tmp_path / "imgs", 16)
     write_shards(src, tmp_path / "wds", shard_size=16)
     bad = tmp_path / "wds" / "train-000001.tar"
     with wds.TarWriter(str(bad)) as w:
@@ -169,7 +123,7 @@ def test_missing_shard_is_named(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_real_images(tmp_path):
+def test_two_process_ddp_on_realmake_images(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: real DDP over gloo."""
     if not IMAGENET_SAMPLE.is_dir():
         pytest.skip(f"{IMAGENET_SAMPLE} not present")
@@ -212,7 +166,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path, shards):
     """
     common = ("optim.epochs=1", "method.options.mask_ratio=0.0", "optim.grad_clip=1.0")
     a = train_distill(_cfg(tmp_path / "full", shards, *common))
-    _fresh_accelerate_state_now()
+    reset_accelerate()
     b = train_distill(_cfg(tmp_path / "accum", shards, *common, "optim.grad_accum=2"))
     from safetensors.torch import load_file
 

@@ -7,11 +7,9 @@ exactly where the uninterrupted run would be.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,18 +21,12 @@ from tqdm.auto import tqdm
 from gkd.config import DistillConfig, to_container, to_yaml
 from gkd.data import build_shard_loader, build_train_transform, count_samples
 from gkd.distill import build_objective
-from gkd.engine.checkpoint import CheckpointManager, load_handoff, save_handoff
+from gkd.engine.checkpoint import CheckpointManager, read_metadata, save_handoff
+from gkd.engine.common import (MetricsLog, NonFiniteLossError, check_finite, flat_config, make_accelerator,
+                               param_checksum, param_groups, step_seed, sync_on_last)
 from gkd.models import Tokens, build_student, build_teacher
 
 log = logging.getLogger(__name__)
-
-# Parameters that are embeddings or tokens: no weight decay, as in DeiT/DINOv2 training.
-_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "mask_token", "reg_token", "register_tokens")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before the bad update."""
-
 
 class DistillModel(nn.Module):
     """Student plus the objective's heads: the one module DDP wraps and the optimizer trains."""
@@ -49,35 +41,12 @@ class DistillModel(nn.Module):
         return self.objective(self.student, images, teacher)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices and kernels; spare biases, norms, tokens and position tables."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(_NO_DECAY_SUFFIXES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def lr_at(step: int, total: int, warmup: int, peak: float, minimum: float) -> float:
     """Linear warmup to `peak` over `warmup` steps, then cosine down to `minimum` at `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return minimum + 0.5 * (peak - minimum) * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_accelerator(cfg: DistillConfig) -> Accelerator:
-    out_dir = Path(cfg.out_dir)
-    return Accelerator(
-        cpu=cfg.engine.cpu or not torch.cuda.is_available(),
-        mixed_precision=cfg.engine.mixed_precision,
-        log_with=list(cfg.engine.trackers) or None,
-        project_dir=str(out_dir),
-    )
 
 
 def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> Path:
@@ -104,12 +73,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     teacher = build_teacher(t.name, t.checkpoint, img_size=cfg.data.img_size, patch_size=t.patch_size,
                             pretrained=t.pretrained and not t.checkpoint, **t.kwargs)
-    student = build_student(
-        cfg.student.name, img_size=cfg.data.img_size, grid=teacher.grid, checkpoint=cfg.student.checkpoint,
-        drop_path_rate=cfg.student.drop_path_rate, pretrained=cfg.student.pretrained, **cfg.student.kwargs,
-    )
-    if cfg.init:
-        load_handoff(cfg.init, student, student.spec)
+    student = _build_student(cfg, teacher.grid)
     objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim, **cfg.method.options)
     model = DistillModel(student, objective)
     optimizer = torch.optim.AdamW(
@@ -137,7 +101,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    accelerator.init_trackers("gkd", config=_flat(to_container(cfg)))
+    accelerator.init_trackers("gkd", config=flat_config(to_container(cfg)))
     metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator)
     if accelerator.is_main_process:
         log.info(
@@ -164,21 +128,16 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
                 skipped += batch["skipped"].sum()
                 if cfg.engine.log_sample_keys:
                     _log_keys(out_dir, rank, epoch, batch["key"])
-                torch.manual_seed(_step_seed(cfg.seed, step, rank, micro))  # masks, drop path
+                torch.manual_seed(step_seed(cfg.seed, step, rank, micro))  # masks, drop path
                 images = batch["image"].to(device, non_blocking=True)
-                sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
+                with sync_on_last(accelerator, model, micro, accum), accelerator.autocast():
                     teacher_tokens = teacher(images)
                     out = model(images, teacher_tokens)
                     accelerator.backward(out["loss"] / accum)
                 nonfinite += (~torch.isfinite(out["loss"].detach())).float()
                 for k, v in out.items():
                     window[k] = window.get(k, 0.0) + float(v.detach()) / accum
-            if accelerator.reduce(nonfinite, "sum").item() > 0:  # every rank stops together
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (epoch {epoch}); the update was not applied. "
-                    f"Last good checkpoint: {ckpts.latest() or 'none'}"
-                )
+            check_finite(accelerator, nonfinite, step, f"Last good checkpoint: {ckpts.latest() or 'none'}")
             if cfg.optim.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
@@ -204,7 +163,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
 
     # ---- save --------------------------------------------------------------------------------------
     ckpts.save(accelerator, state)
-    checksums = accelerator.gather(_param_checksum(model).to(device).reshape(1)).tolist()
+    checksums = accelerator.gather(param_checksum(model).to(device).reshape(1)).tolist()
     metrics.write({"event": "end", "step": state["step"], "param_checksum_per_rank": checksums})
     if len(set(checksums)) != 1:
         raise RuntimeError(f"parameters diverged across ranks (checksums {checksums}): distributed training is broken")
@@ -219,6 +178,34 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     return encoder_path
 
 
+def _build_student(cfg: DistillConfig, grid: tuple[int, int]) -> nn.Module:
+    """The student on the teacher's grid; with `init`, the parent encoder's architecture and weights.
+
+    A stage-1 encoder (224 px, patch 14) becomes a stage-2 student (512 px, patch 16): the parent's
+    patch kernel and position table are resampled while its weights load (strictly).
+    """
+    s = cfg.student
+    name, kwargs = s.name, dict(s.kwargs)
+    if cfg.init:
+        parent = read_metadata(cfg.init)["gkd_spec"]
+        if parent.get("kind") not in ("vit", "cnn"):
+            raise ValueError(f"init={cfg.init} is not an encoder.safetensors from stage 1 or 2")
+        name, kwargs = name or parent["name"], kwargs or dict(parent.get("kwargs") or {})
+        if (name, kwargs) != (parent["name"], dict(parent.get("kwargs") or {})):
+            raise ValueError(
+                f"init={cfg.init} holds a {parent['name']} {parent.get('kwargs') or ''} encoder, but the config asks "
+                f"for student {name} {kwargs or ''}; leave student.name/kwargs unset to continue from the parent"
+            )
+        if s.checkpoint or s.pretrained:
+            raise ValueError("give either init=<parent encoder> or student.checkpoint/pretrained, not both")
+    if not name:
+        raise ValueError("student.name is required (a timm model name) unless init=<parent encoder> is given")
+    return build_student(
+        name, img_size=cfg.data.img_size, grid=grid, checkpoint=cfg.init or s.checkpoint,
+        drop_path_rate=s.drop_path_rate, pretrained=s.pretrained, **kwargs,
+    )
+
+
 def _batches(cfg: DistillConfig, transform, micro_batch: int, rank: int, world: int, epoch: int,
              micro_steps: int, start: int) -> Iterator[dict[str, Any]]:
     """This rank's micro-batches of `epoch`, from micro-step `start` on."""
@@ -231,56 +218,8 @@ def _batches(cfg: DistillConfig, transform, micro_batch: int, rank: int, world: 
     return iter(loader)
 
 
-def _step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    return (seed * 1_000_003 + step * 4099 + rank * 131 + micro) % (2**63 - 1)
-
-
-@torch.no_grad()
-def _param_checksum(model: nn.Module) -> torch.Tensor:
-    return sum((p.detach().double().sum() for p in model.parameters()), torch.zeros((), dtype=torch.float64))
-
-
 def _log_keys(out_dir: Path, rank: int, epoch: int, keys: list[str]) -> None:
     path = out_dir / "sample_keys" / f"rank{rank}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.writelines(f"{epoch}\t{k}\n" for k in keys)
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested config for trackers that only take scalars."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
-
-
-class MetricsLog:
-    """Appends JSON records to metrics.jsonl (main process) and forwards them to trackers."""
-
-    def __init__(self, path: Path, accelerator: Accelerator):
-        self.path = path
-        self.accelerator = accelerator
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def write_window(self, window: dict[str, float], state: dict[str, Any], epoch: int, lr: float,
-                     elapsed: float, global_batch: int) -> dict[str, Any]:
-        """Average the window's loss terms over steps and ranks; log and return the record."""
-        steps = window.pop("steps")
-        names = sorted(window)
-        means = torch.tensor([window[k] / steps for k in names], device=self.accelerator.device)
-        means = self.accelerator.reduce(means, "mean").tolist()
-        record = {"step": state["step"], "epoch": epoch, "lr": lr, **dict(zip(names, means)),
-                  "images_per_s": steps * global_batch / max(elapsed, 1e-9),
-                  "images_seen": state["images_seen"], "train_seconds": round(state["train_seconds"], 3)}
-        self.write(record)
-        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
-        return record

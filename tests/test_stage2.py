@@ -1,0 +1,60 @@
+"""Stage 2 starts from a stage-1 encoder at a new grid (patch 14 → 16), with fresh QSD heads."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gkd.config import DistillConfig, load_config
+from gkd.engine import read_metadata, train_distill
+from gkd.engine.checkpoint import file_sha256
+from gkd.engine.distill import _build_student
+from gkd.engine.stages import run_stage
+
+from helpers import TINY, reset_accelerate
+
+STAGE2 = ["stage=2", "data.img_size=64", "teacher.patch_size=16", "optim.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def stage1_encoder(tmp_path_factory, shards):
+    out = tmp_path_factory.mktemp("s1")
+    cfg = load_config(DistillConfig, [], [*TINY, f"data.train_shards={shards}", f"out_dir={out}", "optim.epochs=1"])
+    path = train_distill(cfg)
+    reset_accelerate()
+    return path
+
+
+def _stage2_cfg(out, shards, init, *extra):
+    rest = [o for o in TINY if not o.startswith("student.")]  # the student comes from the parent
+    return load_config(DistillConfig, [], [*rest, *STAGE2, f"data.train_shards={shards}", f"out_dir={out}",
+                                           f"init={init}", *extra])
+
+
+def test_stage2_resamples_parent_and_trains(tmp_path, shards, stage1_encoder):
+    cfg = _stage2_cfg(tmp_path / "s2", shards, stage1_encoder)
+    student = _build_student(cfg, grid=(4, 4))
+    parent = load_file(str(stage1_encoder))
+    assert student.spec["patch_size"] == 16 and student.spec["grid"] == [4, 4]
+    assert parent["encoder.patch_embed.proj.weight"].shape[-1] == 14
+    own = student.state_dict()
+    for k, v in parent.items():  # everything but the resampled kernel / position table is the parent's
+        if "patch_embed.proj.weight" not in k and "pos_embed" not in k:
+            torch.testing.assert_close(own[k], v, rtol=0, atol=0, msg=k)
+    assert own["encoder.patch_embed.proj.weight"].shape[-1] == 16
+
+    path = train_distill(cfg)
+    meta = read_metadata(path)
+    assert meta["gkd_stage"] == 2 and meta["gkd_parent_sha256"] == file_sha256(stage1_encoder)
+    assert meta["gkd_spec"]["name"] == "vit_tiny_patch16_224" and meta["gkd_spec"]["patch_size"] == 16
+
+
+def test_stage2_refuses_other_architecture(tmp_path, shards, stage1_encoder):
+    cfg = _stage2_cfg(tmp_path / "s2", shards, stage1_encoder, "student.name=vit_small_patch16_224")
+    with pytest.raises(ValueError, match="vit_small_patch16_224"):
+        train_distill(cfg)
+
+
+def test_stage2_needs_init(tmp_path, shards):
+    with pytest.raises(SystemExit, match="init="):
+        run_stage(2, [*TINY, *STAGE2, f"data.train_shards={shards}", f"out_dir={tmp_path}"])
