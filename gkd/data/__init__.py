@@ -1,4 +1,5 @@
-"""Data: webdataset shard writer and reader, image transforms.
+"""Data: webdataset shard writer and reader, image transforms, dataset manifests and
+segmentation datasets.
 
 Names are imported lazily (PEP 562) so that ``import gkd.data`` stays cheap for the CLI:
 timm and torch are only loaded when a transform or the reader is first used.
@@ -28,6 +29,24 @@ _EXPORTS = {
     "build_train_transform": "transforms",
     "build_eval_transform": "transforms",
     "teacher_mean_std": "transforms",
+    # gkd.data.manifest — dataset manifests (data_manifests/*.yaml)
+    "load_manifest": "manifest",
+    "parse_manifest": "manifest",
+    "available_manifests": "manifest",
+    "Manifest": "manifest",
+    "ManifestError": "manifest",
+    # gkd.data.segmentation — segmentation datasets and `gkd data check`
+    "build_dataset": "segmentation",
+    "SegDataset": "segmentation",
+    "resolve_root": "segmentation",
+    "check_dataset": "segmentation",
+    "CheckReport": "segmentation",
+    "manifest_image_files": "segmentation",
+    "BadSampleError": "segmentation",
+    # gkd.data.seg_transforms — stage-3 augmentation and test-time resize
+    "build_seg_train_transform": "seg_transforms",
+    "build_seg_eval_transform": "seg_transforms",
+    "rescale_size": "seg_transforms",
 }
 
 __all__ = sorted(_EXPORTS)

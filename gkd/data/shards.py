@@ -169,6 +169,27 @@ def _make_keys(src: Path, paths: Sequence[Path]) -> list[str]:
     return keys
 
 
+def _make_file_keys(src: Path, paths: Sequence[Path]) -> list[str]:
+    """Keys for an explicit file list: the path relative to ``src`` without its extension,
+    '/' and other characters outside ``[A-Za-z0-9_-]`` turned into '_' (names of files outside
+    ``src``); clashes get ``-1, -2...`` like ``_make_keys``."""
+    keys, seen = [], set()
+    base_dir = src.absolute()
+    for p in paths:
+        try:
+            rel = p.absolute().relative_to(base_dir).with_suffix("").as_posix()
+        except ValueError:
+            rel = p.stem
+        base = _KEY_BAD_CHARS.sub("_", rel)
+        key, n = base, 0
+        while key in seen:
+            n += 1
+            key = f"{base}-{n}"
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
 # ----------------------------------------------------------------------------- image reading
 
 def _load_image_bytes(path: Path, verify: bool) -> tuple[bytes | None, bool, str]:
@@ -299,6 +320,7 @@ def write_shards(
     verify: bool = True,
     num_workers: int = 0,
     max_skipped_listed: int = 1000,
+    files: Sequence[str | os.PathLike] | None = None,
 ) -> ShardIndex:
     """Write the images of ``src_dir`` into webdataset shards in ``out_dir``.
 
@@ -312,6 +334,10 @@ def write_shards(
         verify: decode JPEGs fully to catch truncated files (slower); else parse headers only.
         num_workers: processes used to read/verify images (0 = in this process).
         max_skipped_listed: at most this many unreadable files are named in the index.
+        files: shard exactly these image files instead of listing ``src_dir`` (e.g. the images
+            of a dataset split, ``gkd.data.segmentation.manifest_image_files``). They are
+            unlabelled (``cls`` -1, layout ``files``); keys are their paths relative to
+            ``src_dir`` (or their names when outside it), so ``src_dir`` should be their root.
 
     Returns:
         the ``ShardIndex`` also written to ``{prefix}-index.json`` (``root`` = ``out_dir``).
@@ -320,11 +346,17 @@ def write_shards(
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     src, out = Path(src_dir), Path(out_dir)
-    layout, items = list_images(src)
+    if files is None:
+        layout, items = list_images(src)
+    else:
+        layout, items = "files", [(Path(f), None) for f in sorted(set(map(str, files)))]
+        if not items:
+            raise ValueError("files is empty: nothing to shard")
     if shuffle:
         random.Random(seed).shuffle(items)
     class_list, class_to_idx = _class_index((c for _, c in items), classes)
-    keys = _make_keys(src, [p for p, _ in items])
+    make_keys = _make_keys if files is None else _make_file_keys
+    keys = make_keys(src, [p for p, _ in items])
     out.mkdir(parents=True, exist_ok=True)
 
     sink = _AtomicShardSink(out, prefix, shard_size)
@@ -336,7 +368,7 @@ def write_shards(
             if data is None:
                 if len(skipped) < 10:
                     logger.warning("skipping unreadable image %s (%s)", path, err)
-                skipped.append(str(path.relative_to(src)))
+                skipped.append(str(path.relative_to(src)) if files is None else str(path))
                 continue
             converted += was_converted
             label = class_to_idx[cname] if cname is not None else -1

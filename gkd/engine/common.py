@@ -11,8 +11,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-# Parameters that are embeddings or tokens: no weight decay, as in DeiT/DINOv2 training.
-_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "mask_token", "reg_token", "register_tokens")
+# Parameters that are embeddings or tokens: no weight decay, as in DeiT/DINOv2 training and
+# mmseg's Mask2Former recipe (query and level embeddings).
+_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "mask_token", "reg_token", "register_tokens",
+                      "queries_embedder.weight", "queries_features.weight", "level_embed", "level_embed.weight")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,5 +1,6 @@
 """Teachers, students and their weight handling (see DESIGN.md §3)."""
 from .checkpoints import CheckpointError, load_state_dict_file
+from .decoders import DECODERS, Decoder, Mask2FormerDecoder, MLPDecoder, build_decoder
 from .student import (
     CNNStudent,
     Student,
@@ -10,6 +11,14 @@ from .student import (
 )
 from .teacher import HFTeacher, Teacher, TimmTeacher, TimmViTTeacher, build_teacher
 from .tokens import Tokens
+from .segmentor import (
+    Segmentor,
+    build_segmentor,
+    build_segmentor_from_spec,
+    load_encoder_for_segmentor,
+    load_segmentor,
+    save_segmentor,
+)
 
 __all__ = [
     "build_teacher",
@@ -26,4 +35,15 @@ __all__ = [
     "Tokens",
     "CheckpointError",
     "load_state_dict_file",
+    "DECODERS",
+    "Decoder",
+    "Mask2FormerDecoder",
+    "MLPDecoder",
+    "build_decoder",
+    "Segmentor",
+    "build_segmentor",
+    "build_segmentor_from_spec",
+    "save_segmentor",
+    "load_segmentor",
+    "load_encoder_for_segmentor",
 ]

@@ -204,18 +204,74 @@ class ViTStudent(Student):
         cls = x[:, 0] if self.encoder.cls_token is not None else x[:, npt:].mean(dim=1)
         return Tokens(cls=cls, patch=x[:, npt:], grid=self.grid)
 
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid of an input of ``height`` x ``width`` px (both must be multiples of the patch size)."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"input size {(height, width)} is not a multiple of the patch size {p}")
+        return height // p, width // p
+
+    def _embed_any_size(self, images: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+        """Unmasked tokens [B, prefix + N, C] for an input of any size that is a multiple of the patch
+        size, the RoPE table (EVA) or None, and the token grid (h, w).
+
+        At the training size this is ``_embed`` itself. Elsewhere the patch conv is applied directly
+        (timm's PatchEmbed asserts its fixed size) and the absolute position table is resampled on the
+        fly from the training grid with timm's ``resample_abs_pos_embed`` (bicubic, antialias), the
+        rule timm uses for ``dynamic_img_size``; the stored table is left unchanged.
+        """
+        grid = self.grid_for(*images.shape[-2:])
+        if grid == self.grid:
+            x, rope = self._embed(images, None)
+            return x, rope, grid
+        enc = self.encoder
+        if self._is_eva and getattr(enc, "rope", None) is not None:
+            # timm builds a fixed-size model's RoPE table once for its grid; a per-call rebuild needs
+            # private timm API, so refuse rather than silently use the wrong rotary positions.
+            raise NotImplementedError(
+                f"{self.name}: RoPE (EVA-02-style) students run only at their training size {self.img_size}; "
+                f"got {tuple(images.shape[-2:])}. Use sliding-window inference with {self.img_size} crops."
+            )
+        pe = enc.patch_embed
+        if not (hasattr(pe, "proj") and getattr(pe, "flatten", False)):  # timm PatchEmbed giving [B, N, C]
+            raise NotImplementedError(f"{self.name}: unsupported patch embedding {type(pe).__name__} for other input sizes")
+        x = pe.norm(pe.proj(images).flatten(2).transpose(1, 2))  # = PatchEmbed.forward without the size check
+        prefix = []
+        if enc.cls_token is not None:
+            prefix.append(enc.cls_token.expand(x.shape[0], -1, -1))
+        if getattr(enc, "reg_token", None) is not None:
+            prefix.append(enc.reg_token.expand(x.shape[0], -1, -1))
+        pos = enc.pos_embed
+        if pos is not None:
+            n_pos_prefix = 0 if enc.no_embed_class else int(enc.num_prefix_tokens)
+            pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(self.grid), num_prefix_tokens=n_pos_prefix)
+        if enc.no_embed_class:  # table covers patches only: add, then prepend class/register tokens
+            x = x + pos if pos is not None else x
+            x = torch.cat(prefix + [x], dim=1)
+        else:  # table has class (and register) entries: prepend, then add
+            x = torch.cat(prefix + [x], dim=1)
+            x = x + pos if pos is not None else x
+        x = enc.pos_drop(x)
+        if not self._is_eva:
+            x = enc.patch_drop(x)
+        return enc.norm_pre(x), None, grid
+
     def intermediate_layers(self, images: Tensor, indices: Sequence[int], norm: bool = True) -> list[Tensor]:
-        """Patch tokens after the given blocks as maps [B, C, h, w] (final norm applied if ``norm``)."""
+        """Patch tokens after the given blocks as maps [B, C, h, w] (final norm applied if ``norm``).
+
+        images: [B, 3, H, W] with H, W multiples of the patch size (any size: see ``_embed_any_size``);
+        h, w = H / patch, W / patch. Negative indices count from the last block.
+        """
         depth = self.depth
         wanted = sorted({i % depth for i in indices})
-        x, rope = self._embed(images, None)
+        x, rope, grid = self._embed_any_size(images)
         out: dict[int, Tensor] = {}
         for i in range(wanted[-1] + 1):
             x = self._block(i, x, rope)
             if i in wanted:
                 y = _final_norm(self.encoder, x) if norm else x
                 y = y[:, self.encoder.num_prefix_tokens:]
-                out[i] = y.transpose(1, 2).reshape(y.shape[0], -1, *self.grid)
+                out[i] = y.transpose(1, 2).reshape(y.shape[0], -1, *grid)
         return [out[i % depth] for i in indices]
 
 
