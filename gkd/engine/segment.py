@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,14 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
-from gkd.config import SegmentConfig, to_container, to_yaml
+from gkd.config import SegmentConfig, to_container
 from gkd.data import build_dataset
 from gkd.data.seg_transforms import build_seg_train_transform
-from gkd.engine.checkpoint import CheckpointManager
-from gkd.engine.common import (MetricsLog, check_finite, flat_config, make_accelerator, param_groups,
-                               step_seed, sync_on_last)
+from gkd.engine.common import Trainer, make_accelerator, micro_batch_size, param_groups
 from gkd.models.segmentor import build_segmentor, load_encoder_for_segmentor, save_segmentor
 
 log = logging.getLogger(__name__)
@@ -71,11 +67,8 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     """Run stage 3; return the path of the written `segmentor.safetensors`."""
     accelerator = make_accelerator(cfg)
     out_dir = Path(cfg.out_dir)
-    world, accum = accelerator.num_processes, cfg.optim.grad_accum
-    if cfg.data.batch_size % (world * accum):
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by processes ({world}) × "
-                         f"optim.grad_accum ({accum})")
-    micro_batch = cfg.data.batch_size // (world * accum)
+    accum = cfg.optim.grad_accum
+    micro_batch = micro_batch_size(cfg.data.batch_size, accelerator, accum)
 
     # ---- build ---------------------------------------------------------------------------------
     d = cfg.data
@@ -83,11 +76,9 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
                                           cat_max_ratio=d.cat_max_ratio, photometric=d.photometric)
     dataset = build_dataset(d.manifest, d.split, root=d.root, transform=transform, on_bad=d.on_bad)
     subset = label_subset(len(dataset), d.fraction, cfg.seed)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and d.fraction < 1:  # which labelled images a label-efficient run saw
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        if d.fraction < 1:  # which labelled images a label-efficient run saw
-            (out_dir / "train_subset.txt").write_text("".join(f"{dataset.image_path(i)}\n" for i in subset))
+        (out_dir / "train_subset.txt").write_text("".join(f"{dataset.image_path(i)}\n" for i in subset))
     train_set = Subset(dataset, subset) if d.fraction < 1 else dataset
     if len(train_set) < cfg.data.batch_size:
         raise ValueError(f"{len(train_set)} labelled images are fewer than one global batch ({cfg.data.batch_size})")
@@ -107,64 +98,25 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
                         num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(cfg.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # shards batches across ranks
-
-    # ---- resume ----------------------------------------------------------------------------------
-    ckpts = CheckpointManager(out_dir, cfg.engine.keep_last)
-    state: dict[str, Any] = {"step": 0, "images_seen": 0, "train_seconds": 0.0}
-    resume_from = ckpts.latest() if cfg.resume == "auto" else (None if cfg.resume == "never" else Path(cfg.resume))
-    if resume_from is not None:
-        state.update(ckpts.load(accelerator, resume_from))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-    accelerator.init_trackers("gkd", config=flat_config(to_container(cfg)))
-    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator)
+    o = cfg.optim
+    trainer = Trainer(cfg, accelerator, model, optimizer, o.iters, desc="stage 3")
+    trainer.start()  # resumes from the latest checkpoint when there is one
 
     # ---- loop ------------------------------------------------------------------------------------
-    total = cfg.optim.iters
-    steps_per_epoch = len(loader) // accum
-    batches = _forever(accelerator, loader, state["step"] * accum)
-    progress = tqdm(total=total, initial=state["step"], disable=not accelerator.is_local_main_process, desc="stage 3")
-    window: dict[str, float] = {}
-    window_start = time.perf_counter()
+    steps_per_epoch = max(1, len(loader) // accum)
+    batches = _forever(accelerator, loader, trainer.step_index * accum)
     segmentor.train()  # the decoder trains; the Segmentor keeps its encoder in eval mode
-    while state["step"] < total:
-        step = state["step"]
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(step, total, cfg.optim.lr, cfg.optim.power, cfg.optim.min_lr, cfg.optim.warmup_iters)
-        nonfinite = torch.zeros((), device=accelerator.device)
-        for micro in range(accum):
-            batch = next(batches)
-            torch.manual_seed(step_seed(cfg.seed, step, accelerator.process_index, micro))  # point sampling
-            with sync_on_last(accelerator, model, micro, accum), accelerator.autocast():
-                out = model(batch["image"], batch["label"])
-                accelerator.backward(out["loss"] / accum)
-            nonfinite += (~torch.isfinite(out["loss"].detach())).float()
-            for k, v in out.items():
-                window[k] = window.get(k, 0.0) + float(v.detach()) / accum
-        check_finite(accelerator, nonfinite, step, f"Last good checkpoint: {ckpts.latest() or 'none'}")
-        if cfg.optim.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step + 1
-        state["images_seen"] += cfg.data.batch_size
-        progress.update(1)
-        window["steps"] = window.get("steps", 0) + 1
-        if state["step"] % cfg.engine.log_every == 0 or state["step"] == total:
-            elapsed = time.perf_counter() - window_start
-            state["train_seconds"] += elapsed
-            record = metrics.write_window(window, state, step // max(1, steps_per_epoch),
-                                          optimizer.param_groups[0]["lr"], elapsed, cfg.data.batch_size)
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
-            window, window_start = {}, time.perf_counter()
-        if state["step"] % cfg.engine.save_every == 0 and state["step"] < total:
-            ckpts.save(accelerator, state)
-    progress.close()
+    while trainer.step_index < o.iters:
+        step = trainer.step_index
+        trainer.step(batches, lambda batch: model(batch["image"], batch["label"]),
+                     poly_lr(step, o.iters, o.lr, o.power, o.min_lr, o.warmup_iters), step // steps_per_epoch)
+    trainer.finish()
 
     # ---- save --------------------------------------------------------------------------------------
-    ckpts.save(accelerator, state)
     segmentor = accelerator.unwrap_model(model).segmentor
     unchanged = weights_hash(segmentor.encoder) == encoder_hash
-    metrics.write({"event": "end", "step": state["step"], "encoder_sha256": encoder_hash, "encoder_unchanged": unchanged})
+    trainer.metrics.write({"event": "end", "step": trainer.step_index, "encoder_sha256": encoder_hash,
+                           "encoder_unchanged": unchanged})
     if not unchanged:
         raise RuntimeError("the frozen encoder's weights changed during stage 3: this is a bug")
     path = out_dir / "segmentor.safetensors"
