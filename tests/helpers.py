@@ -35,3 +35,19 @@ def make_images(folder: Path, n: int, seed: int = 0) -> Path:
         small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((80, 64), Image.BILINEAR).save(d / f"img_{i:04d}.JPEG", quality=90)
     return folder
+
+
+COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=np.uint8)
+
+
+def make_scene(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A background (class 0) with a rectangle (1) and a disc (2); colours carry the classes."""
+    label = np.zeros((size, size), dtype=np.uint8)
+    y0, x0 = rng.integers(0, size // 2, 2)
+    label[y0:y0 + size // 3, x0:x0 + size // 3] = 1
+    cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+    yy, xx = np.mgrid[:size, :size]
+    label[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2] = 2
+    image = COLOURS[label].astype(np.int16) + rng.integers(-30, 30, (size, size, 3))
+    label[:2] = 9  # a strip of "unlabelled" (declared ignore value)
+    return np.clip(image, 0, 255).astype(np.uint8), label

@@ -1,6 +1,4 @@
 """encoder.safetensors: encoder weights only, provenance in the header, refusal on spec mismatch."""
-import json
-
 import pytest
 import torch
 from safetensors import safe_open

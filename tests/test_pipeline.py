@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from gkd.config import DistillConfig, load_config
@@ -25,51 +23,6 @@ from gkd.eval import run_eval
 from helpers import TINY, reset_accelerate
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=np.uint8)
-
-
-def _scene(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """A background (class 0) with a rectangle (1) and a disc (2); colours carry the classes."""
-    label = np.zeros((size, size), dtype=np.uint8)
-    y0, x0 = rng.integers(0, size // 2, 2)
-    label[y0:y0 + size // 3, x0:x0 + size // 3] = 1
-    cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
-    yy, xx = np.mgrid[:size, :size]
-    label[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2] = 2
-    image = COLOURS[label].astype(np.int16) + rng.integers(-30, 30, (size, size, 3))
-    label[:2] = 9  # a strip of "unlabelled" (declared ignore value)
-    return np.clip(image, 0, 255).astype(np.uint8), label
-
-
-@pytest.fixture(scope="module")
-def folder_dataset(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """Data root in the folder layout, its manifest and a one-target suite."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("val", 6)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(n):
-            image, label = _scene(rng)
-            Image.fromarray(image).save(root / "images" / split / f"{split}_{i:03d}.png")
-            Image.fromarray(label).save(root / "labels" / split / f"{split}_{i:03d}.png")
-    manifest = root / "shapes.yaml"
-    manifest.write_text(
-        "name: shapes\ntype: folder\ndefault_root: shapes\nimage_suffix: .png\nlabel_suffix: .png\n"
-        "splits:\n  train: {images: images/train, labels: labels/train}\n"
-        "  val: {images: images/val, labels: labels/val}\n"
-        "label_encoding: ids\nclasses: [background, box, disc]\n"
-        "palette: [[200, 40, 40], [40, 200, 40], [40, 40, 200]]\nignore_values: [9]\nunlisted: error\n"
-        "ignore_index: 255\ntest_resize: null\n"
-    )
-    suite = root / "suite.yaml"
-    suite.write_text(
-        f"name: shapes\nsource: shapes (train)\nmode: slide\ncrop: 32\nstride: 21\n"
-        f"targets:\n  - name: Shapes val\n    manifest: {manifest}\n    split: val\n    resize: null\n"
-    )
-    return root, manifest, suite
-
-
 def _launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

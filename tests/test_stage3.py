@@ -12,10 +12,8 @@ from gkd.config import SegmentConfig, load_config
 from gkd.engine import read_metadata
 from gkd.engine.checkpoint import save_handoff
 from gkd.engine.segment import label_subset, poly_lr, train_segmentor
-from gkd.eval import run_eval
 from gkd.models import build_segmentor, build_student, save_segmentor
 from helpers import reset_accelerate
-from test_pipeline import folder_dataset  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
@@ -38,7 +36,7 @@ def _cfg(tmp_path, encoder, manifest, root, *extra) -> SegmentConfig:
         "engine.log_every=1", "engine.save_every=3", f"out_dir={tmp_path / 's3'}", *extra])
 
 
-def test_mask2former_stage3_resumes_and_keeps_encoder(tmp_path, folder_dataset, monkeypatch):  # noqa: F811
+def test_mask2former_stage3_resumes_and_keeps_encoder(tmp_path, folder_dataset, monkeypatch):
     root, manifest, _ = folder_dataset
     encoder = _encoder(tmp_path)
     import gkd.engine.segment as seg
@@ -68,7 +66,7 @@ def test_mask2former_stage3_resumes_and_keeps_encoder(tmp_path, folder_dataset, 
         torch.testing.assert_close(seg_w[f"encoder.{k}"], v, rtol=0, atol=0, msg=k)
 
 
-def test_stage3_refuses_non_encoder_files(tmp_path, folder_dataset):  # noqa: F811
+def test_stage3_refuses_non_encoder_files(tmp_path, folder_dataset):
     root, manifest, _ = folder_dataset
     encoder = _encoder(tmp_path)
     student = build_student("vit_tiny_patch16_224", img_size=64, depth=2, embed_dim=32, num_heads=2)

@@ -123,8 +123,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
         save_handoff(encoder_path, student, student.spec, stage=cfg.stage, config=to_container(cfg), parent=cfg.init,
                      extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)}})
         log.info("wrote %s", encoder_path)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    model = optimizer = batches = None  # noqa: F841  (see Trainer.close)
+    trainer.close()
     return encoder_path
 
 

