@@ -3,7 +3,8 @@
 # student from scratch. Stage 1 on 1000 ImageNet samples, stage 2 on CamVid train images, stage 3
 # (MLP decoder, frozen encoder) on CamVid train labels, evaluation on CamVid val (seen sequence
 # 0016E5) and Seq05VD (unseen). Writes runs/bench-camvid/{timings.tsv,eval/} and prints the table.
-#   bash benchmarks/camvid/run.sh          (about 40 minutes on 2 busy CPU cores)
+#   bash benchmarks/camvid/run.sh          (about 40 minutes on 2 busy CPU cores; EVAL_LIMIT=N scores
+#                                           only the first N images of each CamVid split)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=benchmarks/camvid
@@ -47,5 +48,5 @@ timed none stage3 gkd stage3 --config $B/stage3.yaml encoder="$OUT/none/encoder.
 
 timed all eval gkd eval "$OUT/none/s3/segmentor.safetensors" "$OUT/gkd/s3/segmentor.safetensors" \
     "$OUT/proteus/s3/segmentor.safetensors" --name "no distillation" --name GKD --name Proteus \
-    --suite camvid --root camvid="$DATA/camvid" --out "$OUT/eval"
+    --suite camvid --root camvid="$DATA/camvid" --out "$OUT/eval" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
 python $B/summarize.py "$OUT"

@@ -6,8 +6,8 @@ timm and torch are only loaded when a transform or the reader is first used.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gkd._lazy import lazy_exports
+
 
 _EXPORTS = {
     # gkd.data.shards — writer
@@ -50,16 +50,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gkd.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # cache: later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -472,7 +472,8 @@ def suite_yaml(manifest: Path, splits: Sequence[str], name: str, description: st
     lines = [f"name: {name}", f"description: {json.dumps(description)}", "source: clear day (train)",
              "mode: whole", "targets:"]
     for split in splits:
-        lines += [f"  - name: {json.dumps(DOMAIN_TITLES[split_domain(split)[0]] if split in TARGETS else 'Source val')}",
+        title = DOMAIN_TITLES[split_domain(split)[0]] if split in TARGETS else "Source val"
+        lines += [f"  - name: {json.dumps(title)}",
                   f"    manifest: {json.dumps(str(manifest))}", f"    split: {split}", "    resize: null"]
     return "\n".join(lines) + "\n"
 

@@ -4,8 +4,8 @@ Names are imported lazily (PEP 562) so that ``import gkd.eval`` stays cheap for 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gkd._lazy import lazy_exports
+
 
 _EXPORTS = {
     # gkd.eval.metrics
@@ -36,16 +36,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gkd.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # cache: later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

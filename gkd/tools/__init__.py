@@ -11,8 +11,8 @@ Names are imported lazily so that ``import gkd.tools`` stays cheap for the CLI.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gkd._lazy import lazy_exports
+
 
 _EXPORTS = {
     "predict_paths": "predict",
@@ -25,9 +25,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
