@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gkd.engine.common import reset_accelerate_state as reset_accelerate  # noqa: F401  (re-exported for the tests)
+
 # A random, narrow, one-block DINOv2-style teacher and DeiT-style student at 56 px (4×4 grid).
 TINY = [
     "teacher.name=vit_small_patch14_dinov2", "teacher.kwargs.depth=1", "teacher.kwargs.embed_dim=48",
@@ -17,13 +19,6 @@ TINY = [
 ]
 
 
-def reset_accelerate() -> None:
-    """accelerate keeps process-wide singletons; each in-process run must start from scratch."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> Path:

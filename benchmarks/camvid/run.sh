@@ -32,17 +32,9 @@ for m in gkd proteus; do
       out_dir="$OUT/$m/s3" data.root="$DATA/camvid"
 done
 
-# No distillation: the same student architecture (160 px, patch 16), randomly initialised, frozen.
-python - "$OUT/none/encoder.safetensors" <<'PY'
-import sys, torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from gkd.engine import save_handoff
-from gkd.models import build_student
-torch.manual_seed(0)
-student = build_student("vit_tiny_patch16_224", img_size=160, grid=(10, 10))
-save_handoff(sys.argv[1], student, student.spec, stage=2,
-             extra={"input_norm": {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}})
-PY
+# No distillation: the stage-2 student's architecture (160 px, patch 16), randomly initialised, frozen.
+python -c "import sys; from gkd.demo.run import write_baseline_encoder as w; w(*sys.argv[1:])" \
+    "$OUT/gkd/s2/encoder.safetensors" "$OUT/none/encoder.safetensors"
 timed none stage3 gkd stage3 --config $B/stage3.yaml encoder="$OUT/none/encoder.safetensors" \
     out_dir="$OUT/none/s3" data.root="$DATA/camvid"
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from gkd.demo import synth
+from gkd.engine.common import reset_accelerate_state
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +165,6 @@ def resolve_teacher(teacher: str | None = None, checkpoint: str | None = None, r
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def reset_accelerate_state() -> None:
-    """accelerate keeps process-wide singletons; call between in-process training/eval runs."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def _prepare_out_dir(out: Path) -> None:

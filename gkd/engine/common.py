@@ -112,6 +112,15 @@ class MetricsLog:
         return record
 
 
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; call between in-process training/eval runs."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
