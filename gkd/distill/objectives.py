@@ -233,19 +233,3 @@ class ProteusObjective(TokenDistillationObjective):
     def build_head(self, student_dim: int, teacher_dim: int) -> nn.Module:
         return LinearHead(student_dim, teacher_dim)
 
-
-METHODS: dict[str, type[TokenDistillationObjective]] = {
-    "gkd": GKDObjective,
-    "proteus": ProteusObjective,
-}
-
-
-def build_objective(name: str, student_dim: int, teacher_dim: int, **options) -> TokenDistillationObjective:
-    """Instantiate ``METHODS[name](student_dim, teacher_dim, **options)``."""
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown distillation method {name!r}; available: {', '.join(sorted(METHODS))}"
-        ) from None
-    return cls(student_dim, teacher_dim, **options)

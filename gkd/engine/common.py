@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gkd.engine.checkpoint import CheckpointManager
+from gkd.engine.compute import Budget, count_flops
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,8 @@ class MetricsLog:
         means = self.accelerator.reduce(means, "mean").tolist()
         record = {"step": state["step"], "epoch": epoch, "lr": lr, **dict(zip(names, means)),
                   "images_per_s": steps * global_batch / max(elapsed, 1e-9),
-                  "images_seen": state["images_seen"], "train_seconds": round(state["train_seconds"], 3)}
+                  "images_seen": state["images_seen"], "train_seconds": round(state["train_seconds"], 3),
+                  "train_tflops": state["train_flops"] / 1e12}
         self.write(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
         return record
@@ -136,27 +139,60 @@ def micro_batch_size(global_batch: int, accelerator: Accelerator, accum: int) ->
 
 
 class Trainer:
-    """The optimizer-step machinery both stage loops share.
+    """The optimizer-step machinery every stage loop shares, run against a compute ``Budget``.
 
-    `start()` resumes from the latest (or a named) checkpoint and writes config.yaml; each `step()`
-    consumes `grad_accum` micro-batches (DDP all-reduces on the last only), stops every rank on a
-    non-finite loss before the update, clips, steps, logs a metrics window every `log_every` steps
-    and checkpoints every `save_every`; `finish()` writes the final checkpoint.
+    `start()` resumes from the latest (or a named) checkpoint and writes config.yaml;
+    `count_flops()` measures the training FLOPs of one step (once per run, kept across resumes);
+    each `step()` consumes `grad_accum` micro-batches (DDP all-reduces on the last only), stops
+    every rank on a non-finite loss before the update, clips, steps, accounts wall-clock seconds,
+    images and FLOPs, logs a metrics window every `log_every` steps and checkpoints every
+    `save_every`; `done` says when the budget is spent; `finish()` logs the last window and writes
+    the final checkpoint; `compute()` is the run's compute record (metrics.jsonl, handoff metadata).
     """
 
     def __init__(self, cfg: Any, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 total: int, desc: str):
+                 budget: Budget, desc: str):
         self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
-        self.total, self.desc = total, desc
+        self.budget, self.desc = budget, desc
         self.out_dir = Path(cfg.out_dir)
         self.ckpts = CheckpointManager(self.out_dir, cfg.engine.keep_last)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", accelerator)
-        self.state: dict[str, Any] = {"step": 0, "images_seen": 0, "train_seconds": 0.0}
+        self.state: dict[str, Any] = {"step": 0, "images_seen": 0, "train_seconds": 0.0, "train_flops": 0,
+                                      "flops_per_step": None, "warmup_fraction": 0.0}
         self._window: dict[str, float] = {}
+        self._window_seconds = 0.0
+        self._run_start = time.perf_counter()
 
     @property
     def step_index(self) -> int:
         return self.state["step"]
+
+    @property
+    def fraction(self) -> float:
+        """Budget used before the next step, in [0, 1]: the LR schedules' progress."""
+        return self.budget.fraction(self.state)
+
+    @property
+    def step_cost(self) -> float:
+        """What one optimizer step costs in budget units (seconds: the mean so far)."""
+        s = self.state
+        if self.budget.kind == "steps":
+            return 1.0
+        if self.budget.kind == "tflops":
+            return (s["flops_per_step"] or 0) / 1e12
+        return s["train_seconds"] / s["step"] if s["step"] else 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.budget.done(self.state, self.step_cost)
+
+    def decay_progress(self, warmup: int) -> float:
+        """Progress of a schedule's decay after `warmup` steps: the budget fraction, rebased to 0 where
+        warmup ended (for a step budget of T steps: (step - warmup) / (T - warmup))."""
+        if warmup and self.state["step"] == warmup:
+            self.state["warmup_fraction"] = self.fraction
+        wf = self.state["warmup_fraction"]
+        return min(1.0, max(0.0, (self.fraction - wf) / max(1e-12, 1.0 - wf)))
 
     def start(self) -> None:
         from gkd.config import to_container, to_yaml
@@ -170,14 +206,47 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         acc.init_trackers("gkd", config=flat_config(to_container(cfg)))
-        self.progress = tqdm(total=self.total, initial=self.state["step"], desc=self.desc,
-                             disable=not acc.is_local_main_process)
-        self._window_start = time.perf_counter()
+        b = self.budget
+        total = b.amount if b.kind != "steps" else int(b.amount)
+        self.progress = tqdm(total=total, initial=min(total, b.used(self.state)), desc=self.desc,
+                             disable=not acc.is_local_main_process,
+                             unit={"steps": "it", "seconds": "s", "tflops": "TFLOP"}[b.kind])
+
+    def count_flops(self, batches: Iterator[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]]) -> Iterator[Any]:
+        """Count one optimizer step's training FLOPs on the next micro-batch (forward + backward).
+
+        The batch is handed back (the returned iterator yields it first), gradients are zeroed and
+        buffers (BatchNorm statistics) restored, so training proceeds exactly as without counting.
+        Refuses a FLOP budget the first step would spend. A resumed run keeps its recorded count.
+        """
+        if self.state["flops_per_step"] is None:
+            acc = self.accelerator
+            batch = next(batches)
+            buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+            torch.manual_seed(step_seed(self.cfg.seed, self.state["step"], acc.process_index))
+
+            def sample_step() -> None:
+                with acc.no_sync(self.model), acc.autocast():
+                    loss_fn(batch)["loss"].backward()
+
+            micro = count_flops(sample_step)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, v in self.model.named_buffers():
+                    v.copy_(buffers[k])
+            self.state["flops_per_step"] = micro * self.cfg.optim.grad_accum * acc.num_processes
+            self.metrics.write({"event": "flops", "flops_per_step": self.state["flops_per_step"],
+                                "flops_per_micro_batch": micro, "counter": "torch.utils.flop_counter"})
+            batches = itertools.chain([batch], batches)
+        if self.budget.kind == "tflops" and self.state["step"] == 0:
+            self.budget.check_first_step(self.step_cost)
+        return batches
 
     def step(self, batches: Iterator[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]], lr: float,
              epoch: int) -> None:
         """One optimizer step at `lr` over the next `grad_accum` batches; `loss_fn(batch)` → {'loss', ...}."""
         cfg, acc, step = self.cfg, self.accelerator, self.state["step"]
+        started = time.perf_counter()
         accum = cfg.optim.grad_accum
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -196,22 +265,58 @@ class Trainer:
             acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state["step"] = step = step + 1
-        self.state["images_seen"] += cfg.data.batch_size
-        self.progress.update(1)
+        self._account(time.perf_counter() - started)
+        step = self.state["step"]
+        if step == 1 and self.budget.kind == "seconds":
+            self.budget.check_first_step(self.state["train_seconds"])
         self._window["steps"] = self._window.get("steps", 0) + 1
-        if step % cfg.engine.log_every == 0 or step == self.total:
-            elapsed = time.perf_counter() - self._window_start
-            self.state["train_seconds"] += elapsed
-            record = self.metrics.write_window(self._window, self.state, epoch, lr, elapsed, cfg.data.batch_size)
-            self.progress.set_postfix(loss=f"{record['loss']:.4f}")
-            self._window, self._window_start = {}, time.perf_counter()
-        if step % cfg.engine.save_every == 0 and step < self.total:
+        self._window_meta = (epoch, lr)
+        if step % cfg.engine.log_every == 0:
+            self._log_window()
+        if step % cfg.engine.save_every == 0 and not self.done:
             self.ckpts.save(acc, self.state)
 
-    def finish(self) -> None:
+    def _account(self, seconds: float) -> None:
+        """Count one finished step: steps, images, FLOPs and seconds (ranks agree on the slowest)."""
+        s, acc = self.state, self.accelerator
+        if self.budget.kind == "seconds" and acc.num_processes > 1:  # every rank must stop at the same step
+            seconds = float(acc.reduce(torch.tensor(seconds, device=acc.device), "max"))
+        before = self.budget.used(s)
+        s["step"] += 1
+        s["images_seen"] += self.cfg.data.batch_size
+        s["train_seconds"] += seconds
+        s["train_flops"] += s["flops_per_step"] or 0
+        self._window_seconds += seconds
+        self.progress.update(self.budget.used(s) - before)
+
+    def _log_window(self) -> None:
+        if not self._window.get("steps"):
+            return
+        epoch, lr = self._window_meta
+        record = self.metrics.write_window(self._window, self.state, epoch, lr, self._window_seconds,
+                                           self.cfg.data.batch_size)
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}")
+        self._window, self._window_seconds = {}, 0.0
+
+    def compute(self) -> dict[str, Any]:
+        """This run's compute: budget, optimizer steps, images, training seconds and FLOPs."""
+        s = self.state
+        return {
+            "budget": {"kind": self.budget.kind, "amount": self.budget.amount, "used": self.budget.used(s)},
+            "steps": s["step"], "images_seen": s["images_seen"], "train_seconds": round(s["train_seconds"], 3),
+            "flops_per_step": s["flops_per_step"], "train_tflops": s["train_flops"] / 1e12,
+            "world_size": self.accelerator.num_processes,
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """Log the last partial window, write the final checkpoint and the compute record; return it."""
+        self._log_window()
         self.progress.close()
         self.ckpts.save(self.accelerator, self.state)
+        compute = self.compute()
+        self.metrics.write({"event": "compute", **compute,
+                            "run_seconds": round(time.perf_counter() - self._run_start, 3)})
+        return compute
 
     def close(self) -> None:
         """Release DDP and the process group while every rank is still alive.

@@ -20,6 +20,7 @@ from gkd.config import DistillConfig, to_container
 from gkd.data import build_shard_loader, build_train_transform, count_samples
 from gkd.distill import build_objective
 from gkd.engine.checkpoint import read_metadata, save_handoff
+from gkd.engine.compute import Budget, compute_metadata
 from gkd.engine.common import Trainer, make_accelerator, micro_batch_size, param_checksum, param_groups
 from gkd.models import Tokens, build_student, build_teacher
 
@@ -38,11 +39,11 @@ class DistillModel(nn.Module):
         return self.objective(self.student, images, teacher)
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float, minimum: float) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine down to `minimum` at `total`."""
+def lr_at(step: int, progress: float, warmup: int, peak: float, minimum: float) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine down to `minimum` as the decay's
+    `progress` (``Trainer.decay_progress``: budget used since warmup, in [0, 1]) reaches 1."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
     return minimum + 0.5 * (peak - minimum) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -78,39 +79,45 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     if steps_per_epoch == 0:
         raise ValueError(f"{num_samples} training samples are fewer than one global batch ({cfg.data.batch_size})")
     total = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
+    budget = Budget(cfg.budget.kind, cfg.budget.amount if cfg.budget.amount is not None else total)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.optim.lr * cfg.data.batch_size / cfg.optim.lr_base_batch
     transform = build_train_transform(img_size=cfg.data.img_size, mean=teacher.mean, std=teacher.std, **cfg.data.aug)
-    trainer = Trainer(cfg, accelerator, model, optimizer, total, desc=f"stage {cfg.stage}")
+    trainer = Trainer(cfg, accelerator, model, optimizer, budget, desc=f"stage {cfg.stage}")
     trainer.start()  # resumes from the latest checkpoint when there is one
     if accelerator.is_main_process:
         log.info(
-            "stage %d: %d samples, %d steps/epoch, %d steps, global batch %d (%d/process × %d processes × %d accum), "
-            "peak lr %.3g", cfg.stage, num_samples, steps_per_epoch, total, cfg.data.batch_size, micro_batch, world,
-            accum, peak_lr,
+            "stage %d: %d samples, %d steps/epoch, budget %s, global batch %d (%d/process × %d processes × %d accum), "
+            "peak lr %.3g", cfg.stage, num_samples, steps_per_epoch, budget.describe(), cfg.data.batch_size, micro_batch,
+            world, accum, peak_lr,
         )
 
     # ---- loop ------------------------------------------------------------------------------------
+    def step_loss(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = batch["image"].to(accelerator.device, non_blocking=True)
+        return model(images, teacher(images))  # the teacher's forward is part of the step (and its FLOPs)
+
     def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         nonlocal skipped
         skipped += batch["skipped"].sum()
         if cfg.engine.log_sample_keys:
             _log_keys(out_dir, rank, epoch, batch["key"])
-        images = batch["image"].to(accelerator.device, non_blocking=True)
-        return model(images, teacher(images))
+        return step_loss(batch)
 
-    while trainer.step_index < total:
+    while not trainer.done:
         epoch, first = divmod(trainer.step_index, steps_per_epoch)
         batches = _batches(cfg, transform, micro_batch, rank, world, epoch, steps_per_epoch * accum, first * accum)
+        batches = trainer.count_flops(batches, step_loss)  # once per run
         skipped = torch.zeros((), dtype=torch.long)
-        for step in range(trainer.step_index, min((epoch + 1) * steps_per_epoch, total)):
-            trainer.step(batches, loss_fn, lr_at(step, total, warmup, peak_lr, cfg.optim.min_lr), epoch)
+        while not trainer.done and trainer.step_index < (epoch + 1) * steps_per_epoch:
+            lr = lr_at(trainer.step_index, trainer.decay_progress(warmup), warmup, peak_lr, cfg.optim.min_lr)
+            trainer.step(batches, loss_fn, lr, epoch)
         n_skipped = int(accelerator.reduce(skipped.to(accelerator.device), "sum").item())
         trainer.metrics.write({"event": "epoch_end", "epoch": epoch, "step": trainer.step_index,
                                "skipped_corrupt": n_skipped})
         if n_skipped and accelerator.is_main_process:
             log.warning("epoch %d: skipped %d corrupt image(s) (see the log for their keys)", epoch, n_skipped)
-    trainer.finish()
+    compute = trainer.finish()
 
     # ---- save --------------------------------------------------------------------------------------
     checksums = accelerator.gather(param_checksum(model).to(accelerator.device).reshape(1)).tolist()
@@ -121,7 +128,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(model).student
         save_handoff(encoder_path, student, student.spec, stage=cfg.stage, config=to_container(cfg), parent=cfg.init,
-                     extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)}})
+                     extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)},
+                            **compute_metadata(compute, cfg.init)})
         log.info("wrote %s", encoder_path)
     model = optimizer = batches = None  # noqa: F841  (see Trainer.close)
     trainer.close()

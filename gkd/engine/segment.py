@@ -3,6 +3,11 @@
 The encoder never trains: it is loaded strictly from `encoder.safetensors`, kept in eval mode
 without autograd inside the Segmentor, its parameters are left out of the optimizer, and a hash of
 its weights taken before training must equal the one taken after (recorded in metrics.jsonl).
+
+Task-level distillation (``method.name`` = a task-level method of ``gkd.distill.METHODS``) is the
+exception: the student encoder trains with the decoder, on the segmentation loss plus the method's
+loss against a frozen *teacher segmentor* (``teacher=``: stage 3 run on the frozen teacher encoder),
+whose forward is part of every step (and of its counted FLOPs).
 """
 from __future__ import annotations
 
@@ -19,29 +24,77 @@ from torch.utils.data import DataLoader, Subset
 from gkd.config import SegmentConfig, to_container
 from gkd.data import build_dataset
 from gkd.data.seg_transforms import build_seg_train_transform
+from gkd.distill import EncoderInfo, SegOutputs, TaskKDLoss, build_task_loss, get_method
+from gkd.engine.checkpoint import file_sha256
 from gkd.engine.common import Trainer, make_accelerator, micro_batch_size, param_groups
-from gkd.models.segmentor import build_segmentor, load_encoder_for_segmentor, save_segmentor
+from gkd.engine.compute import Budget, compute_metadata
+from gkd.models.segmentor import Segmentor, build_segmentor, load_encoder_for_segmentor, load_segmentor, save_segmentor
 
 log = logging.getLogger(__name__)
 
 
 class SegTrainStep(nn.Module):
-    """The module DDP wraps: its forward is the segmentor's training loss."""
+    """The module DDP wraps: the student segmentor and, for task-level distillation, the loss module
+    (whose own layers train with the student). Its forward is the training loss."""
 
-    def __init__(self, segmentor: nn.Module):
+    def __init__(self, segmentor: Segmentor, kd: TaskKDLoss | None = None):
         super().__init__()
         self.segmentor = segmentor
+        self.kd = kd
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images [B,3,H,W] in [0,1], labels [B,H,W] train ids (255 ignore) → {'loss', 'loss_*'}."""
-        return self.segmentor.loss(images, labels)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher: SegOutputs | None = None,
+                progress: float = 0.0) -> dict[str, torch.Tensor]:
+        """images [B,3,H,W] in [0,1], labels [B,H,W] train ids (255 ignore), the teacher segmentor's
+        outputs on the same images, budget progress → {'loss', 'loss_*'}."""
+        if self.kd is None:
+            return self.segmentor.loss(images, labels)
+        blocks = self.kd.blocks(self.kd.student_info, "student")
+        seg, student = self.segmentor.distill_outputs(images, labels, blocks)
+        kd = self.kd(student, teacher, labels, progress)
+        return {"loss": seg["loss"] + kd["loss"], "loss_seg": seg["loss"].detach(), "loss_distill": kd["loss"].detach(),
+                **{k: v for k, v in seg.items() if k != "loss"}, **{k: v.detach() for k, v in kd.items() if k != "loss"}}
 
 
-def poly_lr(step: int, total: int, base: float, power: float, minimum: float, warmup: int) -> float:
-    """mmseg's PolyLR (eta_min `minimum`) after an optional linear warmup."""
+def poly_lr(step: int, progress: float, base: float, power: float, minimum: float, warmup: int) -> float:
+    """mmseg's PolyLR (eta_min `minimum`) over the budget's `progress` in [0, 1] (step / iters for
+    a step budget), after an optional linear warmup of `warmup` steps."""
     if step < warmup:
         return base * (step + 1) / warmup
-    return (base - minimum) * (1 - min(step, total) / total) ** power + minimum
+    return (base - minimum) * (1 - min(1.0, progress)) ** power + minimum
+
+
+def encoder_info(segmentor: Segmentor) -> EncoderInfo:
+    """The shapes a task-level loss builds its layers from."""
+    enc = segmentor.encoder
+    if enc.kind == "vit":
+        return EncoderInfo("vit", int(enc.embed_dim), int(enc.depth), segmentor.decoder.in_channels)
+    last = int(enc.encoder.feature_info[-1]["num_chs"])
+    return EncoderInfo("cnn", last, 0, segmentor.decoder.in_channels)
+
+
+def check_method(cfg: SegmentConfig) -> None:
+    """Refuse, before any work, an unknown or stage-1/2 method, and a task-level one without a teacher."""
+    method = cfg.method.name
+    if method == "none":
+        if cfg.teacher:
+            log.warning("teacher=%s is ignored: method.name=none distils nothing", cfg.teacher)
+        return
+    uses = " and ".join(get_method(method, "task").cls.uses) or "outputs"
+    if not cfg.teacher:
+        raise ValueError(
+            f"method {method!r} distils the teacher segmentor's {uses}, but no teacher segmentor is given: set "
+            "teacher=<segmentor.safetensors> (stage 3 run on the frozen teacher encoder; `gkd teacher-encoder` "
+            "writes that encoder)")
+
+
+def load_teacher_segmentor(cfg: SegmentConfig, class_names: list[str]) -> Segmentor:
+    """The frozen teacher segmentor a task-level method learns from; an error when it predicts other
+    classes than the student's dataset."""
+    teacher, _ = load_segmentor(cfg.teacher)
+    if teacher.class_names != class_names:
+        raise ValueError(f"teacher segmentor {cfg.teacher} predicts {teacher.class_names}, the student's "
+                         f"dataset has {class_names}")
+    return teacher
 
 
 def label_subset(n: int, fraction: float, seed: int) -> list[int]:
@@ -71,6 +124,10 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     micro_batch = micro_batch_size(cfg.data.batch_size, accelerator, accum)
 
     # ---- build ---------------------------------------------------------------------------------
+    check_method(cfg)
+    method = cfg.method.name
+    kd_method = method != "none"
+    train_encoder = kd_method if cfg.train_encoder is None else cfg.train_encoder
     d = cfg.data
     transform = build_seg_train_transform(crop_size=d.crop_size, scale=tuple(d.scale), ratio_range=tuple(d.ratio_range),
                                           cat_max_ratio=d.cat_max_ratio, photometric=d.photometric)
@@ -83,45 +140,72 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     if len(train_set) < cfg.data.batch_size:
         raise ValueError(f"{len(train_set)} labelled images are fewer than one global batch ({cfg.data.batch_size})")
 
+    teacher = load_teacher_segmentor(cfg, list(dataset.classes)) if kd_method else None
+
     torch.manual_seed(cfg.seed)
     encoder, input_norm = load_encoder_for_segmentor(cfg.encoder)
     if input_norm is None:
         raise ValueError(f"{cfg.encoder} records no input normalisation (gkd_input_norm): re-export it with this version")
     segmentor = build_segmentor(encoder, decoder=cfg.decoder.name, num_classes=dataset.num_classes,
                                 mean=input_norm["mean"], std=input_norm["std"], layers=cfg.decoder.layers,
-                                class_names=list(dataset.classes), **cfg.decoder.kwargs)
+                                class_names=list(dataset.classes), train_encoder=train_encoder, **cfg.decoder.kwargs)
     encoder_hash = weights_hash(segmentor.encoder)
-    model = SegTrainStep(segmentor)
+    kd = None
+    if kd_method:
+        kd = build_task_loss(method, encoder_info(segmentor), encoder_info(teacher), dataset.num_classes,
+                             **cfg.method.options)
+        teacher_blocks = kd.blocks(kd.teacher_info, "teacher")
+    model = SegTrainStep(segmentor, kd)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas))
     loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True,
                         num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(cfg.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # shards batches across ranks
+    if teacher is not None:
+        teacher.to(accelerator.device)  # frozen, never wrapped by DDP
     o = cfg.optim
-    trainer = Trainer(cfg, accelerator, model, optimizer, o.iters, desc="stage 3")
+    budget = Budget(cfg.budget.kind, cfg.budget.amount if cfg.budget.amount is not None else o.iters)
+    trainer = Trainer(cfg, accelerator, model, optimizer, budget, desc="stage 3")
     trainer.start()  # resumes from the latest checkpoint when there is one
+    if accelerator.is_main_process:
+        log.info("stage 3: %s, %s encoder, budget %s", f"task-level distillation {method!r}" if kd_method else
+                 "no distillation", "trainable" if train_encoder else "frozen", budget.describe())
 
     # ---- loop ------------------------------------------------------------------------------------
+    def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        if teacher is None:
+            return model(images, labels)
+        with torch.no_grad():
+            _, t_out = teacher.distill_outputs(images, None, teacher_blocks)
+        return model(images, labels, t_out, trainer.fraction)
+
     steps_per_epoch = max(1, len(loader) // accum)
     batches = _forever(accelerator, loader, trainer.step_index * accum)
-    segmentor.train()  # the decoder trains; the Segmentor keeps its encoder in eval mode
-    while trainer.step_index < o.iters:
+    batches = trainer.count_flops(batches, loss_fn)
+    segmentor.train()  # the decoder trains; the Segmentor keeps a frozen encoder in eval mode
+    while not trainer.done:
         step = trainer.step_index
-        trainer.step(batches, lambda batch: model(batch["image"], batch["label"]),
-                     poly_lr(step, o.iters, o.lr, o.power, o.min_lr, o.warmup_iters), step // steps_per_epoch)
-    trainer.finish()
+        trainer.step(batches, loss_fn, poly_lr(step, trainer.fraction, o.lr, o.power, o.min_lr, o.warmup_iters),
+                     step // steps_per_epoch)
+    compute = trainer.finish()
 
     # ---- save --------------------------------------------------------------------------------------
     segmentor = accelerator.unwrap_model(model).segmentor
     unchanged = weights_hash(segmentor.encoder) == encoder_hash
     trainer.metrics.write({"event": "end", "step": trainer.step_index, "encoder_sha256": encoder_hash,
-                           "encoder_unchanged": unchanged})
-    if not unchanged:
+                           "encoder_unchanged": unchanged, "encoder_trained": train_encoder})
+    if not unchanged and not train_encoder:
         raise RuntimeError("the frozen encoder's weights changed during stage 3: this is a bug")
     path = out_dir / "segmentor.safetensors"
     if accelerator.is_main_process:
-        save_segmentor(path, segmentor, config=to_container(cfg), parent=cfg.encoder)
+        extra = {**compute_metadata(compute, cfg.encoder),
+                 "method": {"name": method, "options": to_container(cfg.method.options),
+                            "encoder_trained": train_encoder,
+                            "teacher": cfg.teacher if kd_method else None,
+                            "teacher_sha256": file_sha256(cfg.teacher) if kd_method else None}}
+        save_segmentor(path, segmentor.train(False), config=to_container(cfg), parent=cfg.encoder, extra=extra)
         log.info("wrote %s", path)
     model = optimizer = loader = batches = None  # noqa: F841  (see Trainer.close)
     trainer.close()

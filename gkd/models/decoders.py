@@ -80,7 +80,16 @@ class Decoder(nn.Module):
     def predict(self, features: Sequence[Tensor], size: tuple[int, int]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def loss(self, features: Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:  # pragma: no cover
+    def loss(self, features: Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """The training loss: dict with 'loss' (differentiable) and detached 'loss_*' terms."""
+        return self.loss_and_logits(features, labels)[0]
+
+    def logits(self, features: Sequence[Tensor]) -> Tensor:  # pragma: no cover
+        """Per-class scores [B, K, h, w] at the decoder's output resolution, for distillation."""
+        raise NotImplementedError
+
+    def loss_and_logits(self, features: Sequence[Tensor], labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:  # pragma: no cover
+        """``(loss(features, labels), logits(features))`` from one decoder forward."""
         raise NotImplementedError
 
 
@@ -119,15 +128,20 @@ class MLPDecoder(Decoder):
         """Logits bilinearly upsampled to ``size``: [B, K, H, W]."""
         return F.interpolate(self(features), size=tuple(size), mode="bilinear", align_corners=False)
 
-    def loss(self, features: Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
-        """Pixel cross-entropy of the logits upsampled to the label size; 255 is ignored."""
-        logits = self.predict(features, tuple(labels.shape[-2:]))
+    def logits(self, features: Sequence[Tensor]) -> Tensor:
+        """The head's logits [B, K, H_0, W_0] (stride 4)."""
+        return self(features)
+
+    def loss_and_logits(self, features: Sequence[Tensor], labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Pixel cross-entropy of the logits upsampled to the label size (255 ignored), and the logits."""
+        small = self(features)
+        logits = F.interpolate(small, size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
         self._check_labels(labels, logits.shape[0])
         if not bool((labels != IGNORE_INDEX).any()):
             ce = logits.sum() * 0.0  # every pixel ignored: zero loss (mean over no pixel would be NaN)
         else:
             ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-        return {"loss": ce, "loss_ce": ce.detach()}
+        return {"loss": ce, "loss_ce": ce.detach()}, small
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,11 +309,22 @@ class Mask2FormerDecoder(Decoder):
         out = self(features)
         return semantic_inference(out["class_logits"], out["mask_logits"], size)
 
-    def loss(self, features: Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+    @staticmethod
+    def _semantic_logits(out: dict[str, Any]) -> Tensor:
+        """Distillation logits: log of the semantic scores at mask resolution (stride 4), so that a
+        softmax over classes gives the scores normalised per pixel (Mask2Former has no pixel logits)."""
+        return semantic_inference(out["class_logits"].float(), out["mask_logits"].float()).clamp_min(1e-6).log()
+
+    def logits(self, features: Sequence[Tensor]) -> Tensor:
+        """[B, K, H_0, W_0]: see ``_semantic_logits``."""
+        return self._semantic_logits(self(features))
+
+    def loss_and_logits(self, features: Sequence[Tensor], labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Hungarian-matched set loss against the semantic labels (one target mask per present class).
 
         Returns ``loss`` = Σ over all predictions (last + aux) of 2·CE + 5·BCE + 5·dice (weights as
-        configured) and the detached sums ``loss_cls``, ``loss_mask``, ``loss_dice`` (each weighted).
+        configured) and the detached sums ``loss_cls``, ``loss_mask``, ``loss_dice`` (each weighted),
+        with the distillation logits of the same forward.
         """
         out = self(features)
         logits = out["mask_logits"]
@@ -324,7 +349,7 @@ class Mask2FormerDecoder(Decoder):
             base = next(k for k in names if key == k or key.startswith(k + "_"))
             sums[names[base]] = sums[names[base]] + self.weights[base] * value
         total = sums["loss_cls"] + sums["loss_mask"] + sums["loss_dice"]
-        return {"loss": total, **{k: v.detach() for k, v in sums.items()}}
+        return {"loss": total, **{k: v.detach() for k, v in sums.items()}}, self._semantic_logits(out)
 
 
 DECODERS: dict[str, type[Decoder]] = {

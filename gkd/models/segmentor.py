@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ from torch import Tensor, nn
 from .decoders import IGNORE_INDEX, Decoder, build_decoder
 from .student import Student, build_student_from_spec
 from .teacher import jsonable
+
+if TYPE_CHECKING:  # gkd.distill imports gkd.models
+    from gkd.distill.task_base import SegOutputs
 
 __all__ = [
     "Segmentor",
@@ -106,6 +109,7 @@ class Segmentor(nn.Module):
         layers: Sequence[int],
         feature_norm: bool = False,
         class_names: Sequence[str] | None = None,
+        train_encoder: bool = False,
     ) -> None:
         super().__init__()
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -125,9 +129,13 @@ class Segmentor(nn.Module):
         self._norm = ([float(m) for m in mean], [float(s) for s in std])
         self.register_buffer("mean", torch.tensor(self._norm[0]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(self._norm[1]).view(1, 3, 1, 1))
-        # Freeze once and for all: no grads, eval mode (BatchNorm statistics, dropout, drop path off).
-        encoder.requires_grad_(False)
-        encoder.eval()
+        # Task-level distillation trains the encoder too; otherwise freeze it once and for all: no
+        # grads, eval mode (BatchNorm statistics, dropout, drop path off). Not part of the spec: a
+        # loaded segmentor is frozen either way.
+        self.train_encoder = bool(train_encoder)
+        if not self.train_encoder:
+            encoder.requires_grad_(False)
+            encoder.eval()
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -154,13 +162,14 @@ class Segmentor(nn.Module):
         return int(self.encoder.patch_size) if self.encoder.kind == "vit" else CNN_REDUCTIONS[-1]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The decoder's parameters (the only ones that require grad)."""
-        return [p for p in self.decoder.parameters() if p.requires_grad]
+        """The parameters that require grad: the decoder's (and the encoder's with ``train_encoder``)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> "Segmentor":
-        """Train/eval the decoder; the encoder always stays in eval mode."""
+        """Train/eval the decoder; a frozen encoder always stays in eval mode."""
         super().train(mode)
-        self.encoder.eval()
+        if not self.train_encoder:
+            self.encoder.eval()
         return self
 
     # -- computation ----------------------------------------------------------------------------
@@ -171,20 +180,51 @@ class Segmentor(nn.Module):
             raise ValueError(f"images must be float [B,3,H,W] RGB in [0,1], got {images.dtype} {tuple(images.shape)}")
         return (images - self.mean) / self.std
 
-    @torch.no_grad()
     def extract_features(self, x: Tensor) -> list[Tensor]:
         """Normalised images [B,3,H,W] (sides multiples of ``size_divisor``) -> 4 maps, strides 4..32.
 
-        Computed without autograd: the encoder is frozen and nothing flows back into it.
+        A frozen encoder runs without autograd: nothing flows back into it.
         """
-        if self.encoder.kind == "vit":
-            maps = self.encoder.intermediate_layers(x, self.layers, norm=self.feature_norm)
-            return [
-                m if s == 1.0 else F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False)
-                for m, s in zip(maps, VIT_SCALES)
-            ]
-        # timm's forward_intermediates returns the feature_info stage maps (same modules as forward).
-        return list(self.encoder.encoder.forward_intermediates(x, indices=self.layers, intermediates_only=True))
+        return self._encode(x)[0]
+
+    def _encode(self, x: Tensor, blocks: Sequence[int] = ()) -> tuple[list[Tensor], Tensor, dict[int, Tensor]]:
+        """(the 4 decoder inputs, the encoder's last map, ViT block maps for ``blocks``) in one pass."""
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            if self.encoder.kind == "vit":
+                depth = self.encoder.depth
+                extra = [depth - 1, *(int(b) % depth for b in blocks)]
+                maps = self.encoder.intermediate_layers(x, self.layers + extra, norm=self.feature_norm)
+                features = [
+                    m if s == 1.0 else F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False)
+                    for m, s in zip(maps, VIT_SCALES)
+                ]
+                return features, maps[len(self.layers)], dict(zip(blocks, maps[len(self.layers) + 1:]))
+            if blocks:
+                raise ValueError("block outputs are a ViT notion; this encoder is a CNN")
+            # timm's forward_intermediates returns the feature_info stage maps (same modules as forward),
+            # in stage order, each index once.
+            last = len(self.encoder.encoder.feature_info) - 1
+            wanted = sorted({*self.layers, last})
+            maps = dict(zip(wanted, self.encoder.encoder.forward_intermediates(x, indices=wanted, intermediates_only=True)))
+            return [maps[i] for i in self.layers], maps[last], {}
+
+    def distill_outputs(self, images: Tensor, labels: Tensor | None = None,
+                        blocks: Sequence[int] = ()) -> tuple[dict[str, Tensor] | None, "SegOutputs"]:
+        """One forward for task-level distillation: (``loss(images, labels)`` or None, SegOutputs).
+
+        images [B,3,H,W] in [0,1]; labels [B,H,W] (255 ignore) or None (teacher side). The outputs
+        are those of the padded input (sides multiples of ``size_divisor``).
+        """
+        from gkd.distill.task_base import SegOutputs
+
+        x = self._pad(self.normalize(images), 0.0)
+        features, last, block_maps = self._encode(x, blocks)
+        if labels is None:
+            return None, SegOutputs(self.decoder.logits(features), features, last, block_maps)
+        if labels.shape != (images.shape[0], *images.shape[-2:]):
+            raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
+        terms, logits = self.decoder.loss_and_logits(features, self._pad(labels, IGNORE_INDEX))
+        return terms, SegOutputs(logits, features, last, block_maps)
 
     def _pad(self, x: Tensor, value: float) -> Tensor:
         """Zero/``value``-pad the last two dims at the bottom/right to multiples of ``size_divisor``."""
@@ -246,6 +286,7 @@ def build_segmentor(
     layers: Sequence[int] | None = None,
     feature_norm: bool = False,
     class_names: Sequence[str] | None = None,
+    train_encoder: bool = False,
     **decoder_kwargs: Any,
 ) -> Segmentor:
     """Wrap a (loaded) student ``encoder`` with a new decoder ``DECODERS[decoder]`` (random init).
@@ -255,7 +296,7 @@ def build_segmentor(
     ``feature_info`` indices (default: the stride-4/8/16/32 maps). feature_norm: apply the ViT's
     final norm to the intermediate tokens (default False, as in the authors' backbone).
     decoder_kwargs: the decoder's constructor arguments (e.g. ``num_queries=100`` or ``channels=256``).
-    The encoder is frozen in place.
+    The encoder is frozen in place unless ``train_encoder`` (task-level distillation).
     """
     if encoder.kind != "vit" and feature_norm:
         raise ValueError("feature_norm applies to ViT encoders only")
@@ -263,7 +304,7 @@ def build_segmentor(
     dec = build_decoder(decoder, _feature_channels(encoder, layers), num_classes, **decoder_kwargs)
     return Segmentor(
         encoder, dec, decoder_name=decoder, num_classes=num_classes, mean=mean, std=std,
-        layers=layers, feature_norm=feature_norm, class_names=class_names,
+        layers=layers, feature_norm=feature_norm, class_names=class_names, train_encoder=train_encoder,
     )
 
 

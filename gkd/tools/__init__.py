@@ -7,6 +7,10 @@
   segmentor's forward (float RGB [B,3,H,W] in [0,1] -> scores [B,K,H,W]; dynamic batch, fixed H/W),
   checked against PyTorch with onnxruntime when it is installed.
 
+* ``write_teacher_encoder`` (``gkd teacher-encoder``), ``write_student_encoder``: encoder files for
+  the teacher segmentor and for task-level distillation's student.
+* ``run_compare`` (``gkd compare``): methods at one matched compute budget → table + plot.
+
 Names are imported lazily so that ``import gkd.tools`` stays cheap for the CLI.
 """
 from __future__ import annotations
@@ -22,6 +26,10 @@ _EXPORTS = {
     "load_stage3": "predict",
     "export_onnx": "export",
     "ExportResult": "export",
+    "write_teacher_encoder": "encoders",
+    "write_student_encoder": "encoders",
+    "run_compare": "compare",
+    "compare_table": "compare",
 }
 
 __all__ = sorted(_EXPORTS)
