@@ -42,7 +42,8 @@ class SegOutputs:
     """One segmentor forward, as a distillation loss sees it.
 
     logits: [B, K, h, w] decoder scores at the decoder's output resolution (MLP head: stride 4);
-        for Mask2Former, the log of its per-class semantic scores (see ``Decoder.logits``).
+        for Mask2Former, the log of its per-class semantic scores (see ``Decoder.logits``). None on
+        the teacher side when the loss does not read logits (its decoder is then not run).
     features: the decoder's 4 input maps [B, C_l, H_l, W_l] at strides 4, 8, 16, 32.
     last: the encoder's final map [B, C, h, w] (ViT: last block's patch tokens on the token grid,
         before the final norm; CNN: last stage).
@@ -50,7 +51,7 @@ class SegOutputs:
         the indices the loss asked for in ``blocks()`` (empty otherwise).
     """
 
-    logits: Tensor
+    logits: Tensor | None
     features: list[Tensor]
     last: Tensor
     blocks: dict[int, Tensor] = field(default_factory=dict)

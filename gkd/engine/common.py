@@ -150,6 +150,8 @@ class Trainer:
     the final checkpoint; `compute()` is the run's compute record (metrics.jsonl, handoff metadata).
     """
 
+    clock = staticmethod(time.perf_counter)  # what step seconds are measured with (tests inject a fake one)
+
     def __init__(self, cfg: Any, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                  budget: Budget, desc: str):
         self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
@@ -208,9 +210,10 @@ class Trainer:
         acc.init_trackers("gkd", config=flat_config(to_container(cfg)))
         b = self.budget
         total = b.amount if b.kind != "steps" else int(b.amount)
+        unit = {"steps": "it", "seconds": "s", "tflops": "TFLOP"}[b.kind]
+        fmt = None if b.kind == "steps" else "{l_bar}{bar}| {n:.1f}/{total:.1f} " + unit + " [{elapsed}<{remaining}{postfix}]"
         self.progress = tqdm(total=total, initial=min(total, b.used(self.state)), desc=self.desc,
-                             disable=not acc.is_local_main_process,
-                             unit={"steps": "it", "seconds": "s", "tflops": "TFLOP"}[b.kind])
+                             disable=not acc.is_local_main_process, unit=unit, bar_format=fmt)
 
     def count_flops(self, batches: Iterator[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]]) -> Iterator[Any]:
         """Count one optimizer step's training FLOPs on the next micro-batch (forward + backward).
@@ -246,7 +249,7 @@ class Trainer:
              epoch: int) -> None:
         """One optimizer step at `lr` over the next `grad_accum` batches; `loss_fn(batch)` → {'loss', ...}."""
         cfg, acc, step = self.cfg, self.accelerator, self.state["step"]
-        started = time.perf_counter()
+        started = self.clock()
         accum = cfg.optim.grad_accum
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -265,7 +268,7 @@ class Trainer:
             acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._account(time.perf_counter() - started)
+        self._account(self.clock() - started)
         step = self.state["step"]
         if step == 1 and self.budget.kind == "seconds":
             self.budget.check_first_step(self.state["train_seconds"])

@@ -87,14 +87,14 @@ def check_method(cfg: SegmentConfig) -> None:
             "writes that encoder)")
 
 
-def load_teacher_segmentor(cfg: SegmentConfig, class_names: list[str]) -> Segmentor:
-    """The frozen teacher segmentor a task-level method learns from; an error when it predicts other
-    classes than the student's dataset."""
-    teacher, _ = load_segmentor(cfg.teacher)
+def load_teacher_segmentor(path: str, class_names: list[str]) -> Segmentor:
+    """The teacher segmentor a task-level method learns from, frozen whole (eval mode, no parameter
+    requires grad); an error when it predicts other classes than the student's dataset."""
+    teacher, _ = load_segmentor(path)
     if teacher.class_names != class_names:
-        raise ValueError(f"teacher segmentor {cfg.teacher} predicts {teacher.class_names}, the student's "
+        raise ValueError(f"teacher segmentor {path} predicts {teacher.class_names}, the student's "
                          f"dataset has {class_names}")
-    return teacher
+    return teacher.requires_grad_(False).eval()
 
 
 def label_subset(n: int, fraction: float, seed: int) -> list[int]:
@@ -140,7 +140,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     if len(train_set) < cfg.data.batch_size:
         raise ValueError(f"{len(train_set)} labelled images are fewer than one global batch ({cfg.data.batch_size})")
 
-    teacher = load_teacher_segmentor(cfg, list(dataset.classes)) if kd_method else None
+    teacher = load_teacher_segmentor(cfg.teacher, list(dataset.classes)) if kd_method else None
 
     torch.manual_seed(cfg.seed)
     encoder, input_norm = load_encoder_for_segmentor(cfg.encoder)
@@ -155,6 +155,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
         kd = build_task_loss(method, encoder_info(segmentor), encoder_info(teacher), dataset.num_classes,
                              **cfg.method.options)
         teacher_blocks = kd.blocks(kd.teacher_info, "teacher")
+        teacher_logits = "logits" in kd.uses  # else the teacher's decoder is not run (nor paid for)
     model = SegTrainStep(segmentor, kd)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas))
@@ -178,7 +179,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
         if teacher is None:
             return model(images, labels)
         with torch.no_grad():
-            _, t_out = teacher.distill_outputs(images, None, teacher_blocks)
+            _, t_out = teacher.distill_outputs(images, None, teacher_blocks, logits=teacher_logits)
         return model(images, labels, t_out, trainer.fraction)
 
     steps_per_epoch = max(1, len(loader) // accum)

@@ -208,19 +208,20 @@ class Segmentor(nn.Module):
             maps = dict(zip(wanted, self.encoder.encoder.forward_intermediates(x, indices=wanted, intermediates_only=True)))
             return [maps[i] for i in self.layers], maps[last], {}
 
-    def distill_outputs(self, images: Tensor, labels: Tensor | None = None,
-                        blocks: Sequence[int] = ()) -> tuple[dict[str, Tensor] | None, "SegOutputs"]:
+    def distill_outputs(self, images: Tensor, labels: Tensor | None = None, blocks: Sequence[int] = (),
+                        logits: bool = True) -> tuple[dict[str, Tensor] | None, "SegOutputs"]:
         """One forward for task-level distillation: (``loss(images, labels)`` or None, SegOutputs).
 
         images [B,3,H,W] in [0,1]; labels [B,H,W] (255 ignore) or None (teacher side). The outputs
-        are those of the padded input (sides multiples of ``size_divisor``).
+        are those of the padded input (sides multiples of ``size_divisor``). ``logits=False`` (teacher
+        side, for losses that read features only) skips the decoder: ``SegOutputs.logits`` is None.
         """
         from gkd.distill.task_base import SegOutputs
 
         x = self._pad(self.normalize(images), 0.0)
         features, last, block_maps = self._encode(x, blocks)
         if labels is None:
-            return None, SegOutputs(self.decoder.logits(features), features, last, block_maps)
+            return None, SegOutputs(self.decoder.logits(features) if logits else None, features, last, block_maps)
         if labels.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
         terms, logits = self.decoder.loss_and_logits(features, self._pad(labels, IGNORE_INDEX))

@@ -296,30 +296,29 @@ def to_csv(table: Mapping[str, Any]) -> str:
     return buf.getvalue()
 
 
-def plot(table: Mapping[str, Any], path: str | Path, x: str = "train_seconds") -> Path:
-    """mIoU (mean over targets) against compute used (`x`: train_seconds | train_tflops) as a PNG."""
+def plot(table: Mapping[str, Any], path: str | Path) -> Path:
+    """Mean mIoU against compute used — wall-clock seconds (left) and TFLOPs (right) — as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in table["rows"]:
-        if r[x] is None or r["mean"] is None or math.isnan(r["mean"]):
-            continue
-        marker = {"teacher": "*", "none": "s"}.get(r["method"], "o")
-        ax.scatter(r[x], r["mean"], marker=marker, s=70)
-        ax.annotate(r["method"], (r[x], r["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if table["baseline"]:
-        base = next((r["mean"] for r in table["rows"] if r["method"] == table["baseline"]), None)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
+    base = next((r["mean"] for r in table["rows"] if r["method"] == table["baseline"]), None)
+    for ax, x, label in ((axes[0], "train_seconds", "training wall-clock (s, all stages)"),
+                         (axes[1], "train_tflops", "training TFLOPs (all stages, teacher forwards included)")):
+        for r in table["rows"]:
+            if r[x] is None or r["mean"] is None or math.isnan(r["mean"]):
+                continue
+            ax.scatter(r[x], r["mean"], marker={"teacher": "*", "none": "s"}.get(r["method"], "o"), s=70)
+            ax.annotate(r["method"], (r[x], r["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if base is not None and not math.isnan(base):
-            ax.axhline(base, color="grey", lw=0.8, ls="--", label=f"{table['baseline']}")
-            ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel({"train_seconds": "training wall-clock (s, all stages)",
-                   "train_tflops": "training TFLOPs (all stages)"}[x])
-    ax.set_ylabel(f"mean mIoU over {len(table['targets'])} target(s) (%)")
-    ax.set_title(f"{table['suite']}: mIoU vs compute")
-    ax.grid(alpha=0.3)
+            ax.axhline(base, color="grey", lw=0.8, ls="--", label=f"{table['baseline']} (baseline)")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"mean mIoU over {len(table['targets'])} target(s) (%)")
+    fig.suptitle(f"{table['suite']}: mIoU vs training compute")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -327,15 +326,14 @@ def plot(table: Mapping[str, Any], path: str | Path, x: str = "train_seconds") -
 
 
 def write_compare(table: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """compare.json / .md / .csv and compare.png (mIoU vs seconds, or TFLOPs for a FLOP budget)."""
+    """compare.json / .md / .csv and compare.png (mIoU vs seconds and vs TFLOPs)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / COMPARE_JSON, "md": out / COMPARE_MD, "csv": out / COMPARE_CSV, "png": out / COMPARE_PNG}
     paths["json"].write_text(json.dumps(_nan_to_none(table), indent=2, allow_nan=False) + "\n")
     paths["md"].write_text(to_markdown(table))
     paths["csv"].write_text(to_csv(table))
-    kinds = {r["budget_kind"] for r in table["rows"]}
-    plot(table, paths["png"], x="train_tflops" if kinds == {"tflops"} else "train_seconds")
+    plot(table, paths["png"])
     return paths
 
 
