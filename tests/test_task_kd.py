@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,23 @@ def test_budget_arithmetic():
         Budget("epochs", 1.0)
     with pytest.raises(ValueError, match="positive"):
         Budget("steps", 0)
+
+
+def test_cosine_decay_is_rebased_at_the_end_of_warmup_and_ends_at_the_budget():
+    from gkd.engine.common import Trainer
+    from gkd.engine.distill import lr_at
+
+    trainer = Trainer.__new__(Trainer)  # only the schedule bookkeeping, no run
+    trainer.budget = Budget("seconds", 10.0)
+    trainer.state = {"step": 0, "train_seconds": 0.0, "train_flops": 0, "warmup_fraction": 0.0}
+    lrs = []
+    for step in range(6):  # steps of 2 s, warmup 2 steps: warmup ends at 4 s = 40 % of the budget
+        trainer.state.update(step=step, train_seconds=2.0 * step)
+        lrs.append(lr_at(step, trainer.decay_progress(2), 2, 1.0, 0.1))
+    cosine = [0.1 + 0.45 * (1 + math.cos(math.pi * (2.0 * s - 4.0) / 6.0)) for s in (2, 3, 4, 5)]
+    assert lrs == pytest.approx([0.5, 1.0, *cosine])
+    trainer.state.update(step=6, train_seconds=10.0)
+    assert lr_at(6, trainer.decay_progress(2), 2, 1.0, 0.1) == pytest.approx(0.1)  # final value at the budget
 
 
 class FakeClock:

@@ -20,7 +20,9 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EncoderInfo", "SegOutputs", "TaskKDLoss", "resize_to"]
+__all__ = ["EncoderInfo", "SegOutputs", "TaskKDLoss", "resize_to", "teacher_map", "pixel_kl", "IGNORE_INDEX"]
+
+IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
@@ -90,3 +92,15 @@ def resize_to(x: Tensor, like: Tensor) -> Tensor:
     if x.shape[-2:] == like.shape[-2:]:
         return x
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def teacher_map(t: Tensor, like: Tensor) -> Tensor:
+    """Teacher map [B,C,h',w'] → detached fp32 map on ``like``'s [h,w] grid (no gradient can reach it)."""
+    return resize_to(t.detach().float(), like)
+
+
+def pixel_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
+    """Per-pixel KL(softmax(t/T) ‖ softmax(s/T)) over classes: [B,K,h,w] × 2 → [B,h,w]."""
+    log_p_t = F.log_softmax(t_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(s_logits / temperature, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)

@@ -23,16 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkd.distill.task_base import EncoderInfo, SegOutputs, TaskKDLoss, resize_to
+from gkd.distill.task_base import IGNORE_INDEX, EncoderInfo, SegOutputs, TaskKDLoss, pixel_kl
+from gkd.distill.task_base import teacher_map as _teacher
 
 __all__ = ["VanillaKD", "FitNet", "CWD", "ViTKD", "LOSSES"]
-
-IGNORE_INDEX = 255
-
-
-def _teacher(t: Tensor, like: Tensor) -> Tensor:
-    """Teacher map [B,C,h',w'] → detached fp32 map on ``like``'s [h,w] grid."""
-    return resize_to(t.detach().float(), like)
 
 
 def _valid_pixels(labels: Tensor, size: tuple[int, int]) -> Tensor:
@@ -78,9 +72,7 @@ class VanillaKD(TaskKDLoss):
         s_logits = s.logits.float()                               # [B, K, h, w]
         t_logits = _teacher(t.logits, s_logits)                   # [B, K, h, w]
         T = self.temperature
-        log_p_t = F.log_softmax(t_logits / T, dim=1)
-        log_p_s = F.log_softmax(s_logits / T, dim=1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)     # [B, h, w]
+        kl = pixel_kl(s_logits, t_logits, T)                      # [B, h, w]
         if self.mask_ignore:
             valid = _valid_pixels(labels, kl.shape[-2:])
             # clamp: an all-ignore batch gives 0, not NaN

@@ -22,28 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkd.distill.task_base import EncoderInfo, SegOutputs, TaskKDLoss, resize_to
+from gkd.distill.task_base import IGNORE_INDEX, EncoderInfo, SegOutputs, TaskKDLoss
+from gkd.distill.task_base import pixel_kl as _pixel_kl
+from gkd.distill.task_base import teacher_map as _teacher
 
 __all__ = ["AfDCD", "BCKD", "LFD", "LOSSES"]
-
-IGNORE_INDEX = 255
-
-
-def _teacher(t: Tensor, like: Tensor) -> Tensor:
-    """Teacher map [B,C,h',w'] → detached fp32 map on ``like``'s [h,w] grid."""
-    return resize_to(t.detach().float(), like)
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:
     """A context that disables autocast on ``x``'s device, so the loss runs in fp32."""
     return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def _pixel_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
-    """Per-pixel KL(softmax(t/T) ‖ softmax(s/T)): [B,K,h,w] × 2 → [B,h,w]."""
-    log_p_t = F.log_softmax(t_logits / temperature, dim=1)
-    log_p_s = F.log_softmax(s_logits / temperature, dim=1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------
