@@ -196,6 +196,33 @@ def test_task_level_method_trains_the_student_and_never_the_teacher(kd_setup, me
     assert not any(k.startswith("kd.") for k in load_file(str(path)))  # the method's own layers are dropped
 
 
+@pytest.mark.slow
+def test_two_process_ddp_task_kd_with_a_seconds_budget(kd_setup):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: a trained encoder (unused mask token
+    and final norm) under DDP, and both ranks stopping at the same step of a wall-clock budget."""
+    import os
+    import subprocess
+    import sys
+
+    student, teacher, data, tmp = kd_setup
+    out = tmp / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(repo / "stages" / "stage3.py"), f"encoder={student}", f"out_dir={out}", "method.name=cwd",
+           f"teacher={teacher}", "budget.kind=seconds", "budget.amount=4", *data]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    end = next(r for r in _records(out) if r.get("event") == "compute")
+    assert end["world_size"] == 2 and end["steps"] >= 1 and end["images_seen"] == 2 * end["steps"]
+    seconds = [r["train_seconds"] for r in _records(out) if "loss" in r]  # after each step (log_every=1)
+    step = max(seconds[-1] - seconds[-2], seconds[-1] / len(seconds))  # the last step, or the mean one
+    assert seconds[-2] < 4 and abs(seconds[-1] - 4) <= step  # it stopped within a step of the budget
+    seg, meta = load_segmentor(out / "segmentor.safetensors")
+    assert meta["gkd_method"]["name"] == "cwd"
+
+
 def test_the_teacher_segmentor_gets_no_gradient(kd_setup):
     from gkd.distill import build_task_loss
     from gkd.engine.segment import SegTrainStep, encoder_info, load_teacher_segmentor

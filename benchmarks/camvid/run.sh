@@ -20,8 +20,7 @@ timed() {  # timed METHOD STAGE command...: run, append wall-clock seconds to ti
   printf '%s\t%s\t%d\n' "$method" "$stage" $((SECONDS - t0)) >> "$OUT/timings.tsv"
 }
 
-[ -f "$OUT/imagenet-wds/train-index.json" ] || gkd data shard "$DATA/imagenet_sample" "$OUT/imagenet-wds" --shard-size 250
-[ -f "$OUT/camvid-wds/train-index.json" ] || gkd data shard "$DATA/camvid" "$OUT/camvid-wds" --manifest camvid --split train --shard-size 160
+OUT=$OUT DATA=$DATA bash $B/shards.sh
 
 for m in gkd proteus; do
   timed "$m" stage1 gkd stage1 --config $B/stage1.yaml method.name=$m out_dir="$OUT/$m/s1" \

@@ -30,13 +30,20 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad update."""
 
 
-def make_accelerator(cfg: Any) -> Accelerator:
-    """An Accelerator from a run config's `engine` section; CPU when CUDA is absent."""
+def make_accelerator(cfg: Any, find_unused_parameters: bool = False) -> Accelerator:
+    """An Accelerator from a run config's `engine` section; CPU when CUDA is absent.
+
+    find_unused_parameters: DDP's option, for models with trainable parameters that a step may
+    not use (a trained encoder's mask token and final norm in stage 3).
+    """
+    from accelerate.utils import DistributedDataParallelKwargs
+
     return Accelerator(
         cpu=cfg.engine.cpu or not torch.cuda.is_available(),
         mixed_precision=cfg.engine.mixed_precision,
         log_with=list(cfg.engine.trackers) or None,
         project_dir=str(Path(cfg.out_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None,
     )
 
 

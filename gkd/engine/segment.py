@@ -118,16 +118,16 @@ def weights_hash(module: nn.Module) -> str:
 
 def train_segmentor(cfg: SegmentConfig) -> Path:
     """Run stage 3; return the path of the written `segmentor.safetensors`."""
-    accelerator = make_accelerator(cfg)
+    check_method(cfg)
+    method = cfg.method.name
+    kd_method = method != "none"
+    train_encoder = kd_method if cfg.train_encoder is None else cfg.train_encoder
+    accelerator = make_accelerator(cfg, find_unused_parameters=train_encoder)
     out_dir = Path(cfg.out_dir)
     accum = cfg.optim.grad_accum
     micro_batch = micro_batch_size(cfg.data.batch_size, accelerator, accum)
 
     # ---- build ---------------------------------------------------------------------------------
-    check_method(cfg)
-    method = cfg.method.name
-    kd_method = method != "none"
-    train_encoder = kd_method if cfg.train_encoder is None else cfg.train_encoder
     d = cfg.data
     transform = build_seg_train_transform(crop_size=d.crop_size, scale=tuple(d.scale), ratio_range=tuple(d.ratio_range),
                                           cat_max_ratio=d.cat_max_ratio, photometric=d.photometric)
