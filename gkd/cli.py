@@ -9,6 +9,7 @@
     gkd stageN [--config FILE] [key=value ...]  stage N in this process (multi-GPU: accelerate launch stages/stageN.py)
     gkd inspect FILE.safetensors                provenance of a handoff file
     gkd teacher-encoder TEACHER OUT             the frozen teacher as an encoder file (stage 3 on it: teacher segmentor)
+    gkd student-encoder NAME OUT [--checkpoint] a student (random or ImageNet weights) for task-level distillation
     gkd compare --plan PLAN.yaml [key=value]    methods at one matched compute budget → table + plot
     gkd compare --runs NAME=SEG ... --suite S   the same table from finished runs
 """
@@ -125,6 +126,15 @@ def _cmd_teacher_encoder(args: argparse.Namespace) -> int:
 
     path = write_teacher_encoder(args.out, args.teacher, args.checkpoint, img_size=args.img_size,
                                  patch_size=args.patch_size, pretrained=args.pretrained)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_student_encoder(args: argparse.Namespace) -> int:
+    from gkd.tools.encoders import write_student_encoder
+
+    path = write_student_encoder(args.out, args.name, img_size=args.img_size, patch_size=args.patch_size,
+                                 checkpoint=args.checkpoint, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -267,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--img-size", type=int, default=512, help="stage-3 input size (default 512)")
     te.add_argument("--patch-size", type=int, default=16, help="patch size on that input (default 16, as stage 2)")
     te.set_defaults(func=_cmd_teacher_encoder)
+
+    se = sub.add_parser("student-encoder", help="write a student encoder (random or checkpoint weights) for stage 3")
+    se.add_argument("name", help="timm model name, e.g. deit_small_patch16_224")
+    se.add_argument("out", help="output encoder.safetensors")
+    se.add_argument("--checkpoint", help="weights (timm state dict / .safetensors, e.g. ImageNet); default random")
+    se.add_argument("--img-size", type=int, default=512, help="stage-3 input size (default 512)")
+    se.add_argument("--patch-size", type=int, help="ViT patch size on that input (default: the model's)")
+    se.add_argument("--seed", type=int, default=0, help="random initialisation seed")
+    se.set_defaults(func=_cmd_student_encoder)
 
     cmp_ = sub.add_parser("compare", help="distillation methods at one matched compute budget: table + plot")
     cmp_.add_argument("--plan", help="comparison plan YAML (see gkd.tools.compare.ComparePlan)")

@@ -340,3 +340,18 @@ def test_compare_refuses_unknown_methods_and_a_missing_baseline():
         check_methods(["none", "kdd"], "none")
     with pytest.raises(ValueError, match="baseline 'none' is not among"):
         check_methods(["kd", "teacher"], "none")
+
+
+def test_encoder_writers_on_the_command_line(tmp_path, capsys):
+    from gkd.cli import main
+
+    out = tmp_path / "student.safetensors"
+    assert main(["student-encoder", "vit_tiny_patch16_224", str(out), "--img-size", "64", "--patch-size", "16",
+                 "--seed", "3"]) == 0
+    meta = read_metadata(out)
+    assert meta["gkd_spec"]["patch_size"] == 16 and meta["gkd_spec"]["img_size"] == [64, 64]
+    assert meta["gkd_config"]["student_encoder"]["init"] == "random (seed 3)"
+    assert main(["teacher-encoder", "vit_small_patch14_dinov2", str(tmp_path / "t.safetensors")]) == 2
+    assert "has no weights" in capsys.readouterr().err
+    assert main(["compare"]) == 2
+    assert "either --plan" in capsys.readouterr().err
