@@ -130,6 +130,20 @@ def test_seconds_budget_stops_within_a_step_and_lays_the_schedule_over_it(kd_set
     assert meta["gkd_compute"]["steps"] == 4 and meta["gkd_compute"]["images_seen"] == 8
 
 
+def test_seconds_budget_overshooting_by_half_a_step(kd_setup, monkeypatch):
+    """Steps of 2 s against 5.5 s: the third step ends at 6 s (0.5 s past, as far as stopping at 4 s
+    falls short), past the progress bar's total (tqdm then drops it): the run must finish."""
+    from gkd.engine.common import Trainer
+
+    student, _, data, tmp = kd_setup
+    monkeypatch.setattr(Trainer, "clock", staticmethod(FakeClock(2.0)))
+    out = tmp / "overshoot"
+    train_segmentor(load_config(SegmentConfig, [], [f"encoder={student}", f"out_dir={out}", "budget.kind=seconds",
+                                                     "budget.amount=5.5", *data]))
+    end = next(r for r in _records(out) if r.get("event") == "compute")
+    assert end["steps"] == 3 and end["train_seconds"] == pytest.approx(6.0)
+
+
 def test_step_and_flop_budgets_and_a_budget_spent_by_the_first_step(kd_setup):
     student, _, data, tmp = kd_setup
     out = tmp / "steps"

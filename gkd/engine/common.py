@@ -215,12 +215,13 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         acc.init_trackers("gkd", config=flat_config(to_container(cfg)))
+        # The bar counts whole budget units (steps, seconds, GFLOPs); tqdm drops its total when n
+        # passes it, so no format may rely on the total.
         b = self.budget
-        total = b.amount if b.kind != "steps" else int(b.amount)
-        unit = {"steps": "it", "seconds": "s", "tflops": "TFLOP"}[b.kind]
-        fmt = None if b.kind == "steps" else "{l_bar}{bar}| {n:.1f}/{total:.1f} " + unit + " [{elapsed}<{remaining}{postfix}]"
-        self.progress = tqdm(total=total, initial=min(total, b.used(self.state)), desc=self.desc,
-                             disable=not acc.is_local_main_process, unit=unit, bar_format=fmt)
+        self._bar_unit, self._bar_scale = {"steps": ("it", 1), "seconds": ("s", 1), "tflops": ("GFLOP", 1000)}[b.kind]
+        self._bar_n = int(b.used(self.state) * self._bar_scale)
+        self.progress = tqdm(total=int(b.amount * self._bar_scale), initial=self._bar_n, desc=self.desc,
+                             disable=not acc.is_local_main_process, unit=self._bar_unit)
 
     def count_flops(self, batches: Iterator[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]]) -> Iterator[Any]:
         """Count one optimizer step's training FLOPs on the next micro-batch (forward + backward).
@@ -291,13 +292,14 @@ class Trainer:
         s, acc = self.state, self.accelerator
         if self.budget.kind == "seconds" and acc.num_processes > 1:  # every rank must stop at the same step
             seconds = float(acc.reduce(torch.tensor(seconds, device=acc.device), "max"))
-        before = self.budget.used(s)
         s["step"] += 1
         s["images_seen"] += self.cfg.data.batch_size
         s["train_seconds"] += seconds
         s["train_flops"] += s["flops_per_step"] or 0
         self._window_seconds += seconds
-        self.progress.update(self.budget.used(s) - before)
+        shown = int(self.budget.used(s) * self._bar_scale)
+        self.progress.update(shown - self._bar_n)
+        self._bar_n = shown
 
     def _log_window(self) -> None:
         if not self._window.get("steps"):
