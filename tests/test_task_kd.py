@@ -339,6 +339,11 @@ def test_compare_runs_every_row_at_one_budget_and_writes_table_and_plot(tmp_path
     assert (out / "compare.csv").read_text().splitlines()[0].startswith("method,kind,budget_kind")
     assert "| gkd | representation-level |" in (out / "compare.md").read_text()
 
+    with pytest.raises(ValueError, match="trained on a budget of 4.0 steps, the plan asks for 5 steps"):
+        run_compare(load_plan(plan, ["budget.amount=5"]))  # finished rows are reused only at the same budget
+    with pytest.raises(ValueError, match="row 'none' needs student.name"):
+        run_compare(load_plan(plan, ["student.name=null", f"out_dir={tmp_path / 'other'}", "methods=[none]"]))
+
     # finished runs, read back through the CLI
     runs = [f"{m}={out / m / 's3' / 'segmentor.safetensors'}" for m in ("none", "gkd")]
     assert main(["compare", "--runs", *runs, "--suite", str(suite), "--root", f"shapes={root}",

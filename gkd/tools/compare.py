@@ -35,6 +35,7 @@ from omegaconf import MISSING
 
 from gkd.config import BudgetConfig, DistillConfig, SegmentConfig, load_config, to_yaml
 from gkd.distill import METHODS, get_method
+from gkd.engine.checkpoint import read_metadata
 from gkd.eval.report import _nan_to_none
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ COMPARE_JSON, COMPARE_MD, COMPARE_CSV, COMPARE_PNG = "compare.json", "compare.md
 
 @dataclass
 class EncoderSpec:
-    name: str = MISSING  # timm name (student) / build_teacher name (teacher)
+    name: Optional[str] = None  # timm name (student) / build_teacher name (teacher); needed by the rows using it
     checkpoint: Optional[str] = None
     pretrained: bool = False
     random_init: bool = False  # teacher only: no weights (pipeline checks)
@@ -152,16 +153,21 @@ def _run_method(plan: ComparePlan, method: str, out: Path) -> Path:
     root = out / method
     final = root / "s3" / "segmentor.safetensors"
     if final.is_file():
+        _check_reusable(plan, final)
         log.info("compare: %s: reusing %s", method, final)
         return final
     t, s = plan.teacher, plan.student
+    task_row = method == "none" or (method in METHODS and METHODS[method].level == "task")
+    for role, spec, needed in (("teacher", t, method == "teacher"), ("student", s, task_row)):
+        if needed and not spec.name:
+            raise ValueError(f"row {method!r} needs {role}.name in the plan")
     if method == "teacher":
         encoder = root / "encoder.safetensors"
         if not encoder.is_file():
             write_teacher_encoder(encoder, t.name, t.checkpoint, img_size=plan.img_size, patch_size=plan.patch_size,
                                   pretrained=t.pretrained, random_init=t.random_init, **t.kwargs)
         return _segment(plan, root / "s3", encoder, {})
-    if method == "none" or METHODS[method].level == "task":
+    if task_row:
         encoder = out / "student-init" / "encoder.safetensors"
         if not encoder.is_file():
             write_student_encoder(encoder, s.name, img_size=plan.img_size, patch_size=plan.patch_size,
@@ -171,6 +177,15 @@ def _run_method(plan: ComparePlan, method: str, out: Path) -> Path:
         teacher = out / "teacher" / "s3" / "segmentor.safetensors"
         return _segment(plan, root / "s3", encoder, {"method": {"name": method}, "teacher": str(teacher)})
     return _run_representation(plan, method, root)
+
+
+def _check_reusable(plan: ComparePlan, segmentor: Path) -> None:
+    """A finished row is reused only if it was trained on the plan's budget."""
+    kind = ((read_metadata(segmentor).get("gkd_compute") or {}).get("budget") or {}).get("kind")
+    amount = _lineage_budget(segmentor)
+    if kind != plan.budget.kind or amount is None or not math.isclose(amount, plan.budget.amount, rel_tol=1e-6):
+        raise ValueError(f"{segmentor} was trained on a budget of {amount} {kind}, the plan asks for "
+                         f"{plan.budget.amount:g} {plan.budget.kind}: give another out_dir or delete that run")
 
 
 def _run_representation(plan: ComparePlan, method: str, root: Path) -> Path:
@@ -210,7 +225,6 @@ def compare_table(runs: Mapping[str, str | Path], results: Mapping[str, Any], ba
 
     runs: row name → segmentor.safetensors (the report rows of `results` carry the same names).
     """
-    from gkd.engine.checkpoint import read_metadata
     from gkd.eval.report import target_names
 
     targets = target_names(results)
@@ -239,8 +253,6 @@ def compare_table(runs: Mapping[str, str | Path], results: Mapping[str, Any], ba
 
 def _lineage_budget(path: str | Path) -> float | None:
     """The budget amounts of a run and its parents added up (a GKD row's stage 1 + 2 + 3 shares)."""
-    from gkd.engine.checkpoint import read_metadata
-
     amount, seen = 0.0, False
     p: str | None = str(path)
     while p:
