@@ -19,6 +19,7 @@ dot products.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -40,11 +41,16 @@ class QSD(nn.Module):
             authors' reshape does); each group attends on its own, still with no
             scaling, and the group outputs are concatenated back to Ct channels.
 
+        fused: compute the attention with ``F.scaled_dot_product_attention`` (scale 1). None
+            (default): on CUDA only — fused kernels are faster there, while on CPU torch's
+            fused kernel was slower than two matrix products for the paper's shapes (N = 256,
+            Ct = 768, forward + backward: 45 vs 34 ms). Both give the same values.
+
     Gradients never reach the teacher: K is detached inside ``forward``, so a teacher
     tensor that requires grad is still safe to pass.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, num_heads: int = 1) -> None:
+    def __init__(self, student_dim: int, teacher_dim: int, num_heads: int = 1, fused: bool | None = None) -> None:
         super().__init__()
         if num_heads < 1 or teacher_dim % num_heads != 0:
             raise ValueError(
@@ -53,6 +59,7 @@ class QSD(nn.Module):
         self.student_dim = student_dim
         self.teacher_dim = teacher_dim
         self.num_heads = num_heads
+        self.fused = fused
         self.proj_q = _projection(student_dim, teacher_dim)
         self.proj_v = _projection(student_dim, teacher_dim)
 
@@ -78,8 +85,12 @@ class QSD(nn.Module):
         # detach: the teacher is a fixed target; its tokens are keys, never trained.
         # The cast lets an fp16 feature cache meet an fp32 student outside autocast.
         k = rearrange(teacher_tokens.detach().to(q.dtype), "b n (h d) -> b h n d", h=h)
-        attn = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(dim=-1)  # over teacher positions
-        out = torch.einsum("bhqk,bhkd->bhqd", attn, v)
+        if self.fused if self.fused is not None else q.is_cuda:
+            # the same softmax(Q Kᵀ) V with scale 1: flash / memory-efficient kernels on GPU
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        else:
+            attn = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(dim=-1)  # over teacher positions
+            out = torch.einsum("bhqk,bhkd->bhqd", attn, v)
         return rearrange(out, "b h n d -> b n (h d)")
 
     def extra_repr(self) -> str:

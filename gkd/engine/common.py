@@ -47,6 +47,17 @@ def make_accelerator(cfg: Any, find_unused_parameters: bool = False) -> Accelera
     )
 
 
+def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``, fused (one kernel for all parameters) where torch has it for the
+    parameters' device — CPU and CUDA in torch >= 2.4: about 8× faster than the per-parameter loop
+    for a ViT-S on CPU, same update (see tests/test_fast_paths.py)."""
+    groups = param_groups(model, weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices and kernels; spare biases, norms, tokens and position tables."""
     decay, no_decay = [], []
@@ -111,8 +122,9 @@ class MetricsLog:
         """Average the window's loss terms over steps and ranks; log and return the record."""
         steps = window.pop("steps")
         names = sorted(window)
-        means = torch.tensor([window[k] / steps for k in names], device=self.accelerator.device)
-        means = self.accelerator.reduce(means, "mean").tolist()
+        dev = self.accelerator.device
+        means = torch.stack([torch.as_tensor(window[k], dtype=torch.float32, device=dev) / steps for k in names])
+        means = self.accelerator.reduce(means, "mean").tolist()  # the window's one read-back of the losses
         record = {"step": state["step"], "epoch": epoch, "lr": lr, **dict(zip(names, means)),
                   "images_per_s": steps * global_batch / max(elapsed, 1e-9),
                   "images_seen": state["images_seen"], "train_seconds": round(state["train_seconds"], 3),
@@ -269,8 +281,8 @@ class Trainer:
                 out = loss_fn(batch)
                 acc.backward(out["loss"] / accum)
             nonfinite += (~torch.isfinite(out["loss"].detach())).float()
-            for k, v in out.items():
-                self._window[k] = self._window.get(k, 0.0) + float(v.detach()) / accum
+            for k, v in out.items():  # summed on the device; read back once per log window
+                self._window[k] = self._window.get(k, 0.0) + v.detach().float() / accum
         check_finite(acc, nonfinite, step, f"Last good checkpoint: {self.ckpts.latest() or 'none'}")
         if cfg.optim.grad_clip:
             acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)

@@ -21,7 +21,7 @@ from gkd.data import build_shard_loader, build_train_transform, count_samples
 from gkd.distill import build_objective
 from gkd.engine.checkpoint import read_metadata, save_handoff
 from gkd.engine.compute import Budget, compute_metadata
-from gkd.engine.common import Trainer, make_accelerator, micro_batch_size, param_checksum, param_groups
+from gkd.engine.common import Trainer, make_accelerator, make_adamw, micro_batch_size, param_checksum
 from gkd.models import Tokens, build_student, build_teacher
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     student = _build_student(cfg, teacher.grid)
     objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim, **cfg.method.options)
     model = DistillModel(student, objective)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
-    )
+    optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher.to(accelerator.device)  # frozen, never wrapped by DDP
 

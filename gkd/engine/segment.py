@@ -26,7 +26,7 @@ from gkd.data import build_dataset
 from gkd.data.seg_transforms import build_seg_train_transform
 from gkd.distill import EncoderInfo, SegOutputs, TaskKDLoss, build_task_loss, get_method
 from gkd.engine.checkpoint import file_sha256
-from gkd.engine.common import Trainer, make_accelerator, micro_batch_size, param_groups
+from gkd.engine.common import Trainer, make_accelerator, make_adamw, micro_batch_size
 from gkd.engine.compute import Budget, compute_metadata
 from gkd.models.segmentor import Segmentor, build_segmentor, load_encoder_for_segmentor, load_segmentor, save_segmentor
 
@@ -157,11 +157,10 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
         teacher_blocks = kd.blocks(kd.teacher_info, "teacher")
         teacher_logits = "logits" in kd.uses  # else the teacher's decoder is not run (nor paid for)
     model = SegTrainStep(segmentor, kd)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas))
+    optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
     loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True,
                         num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        persistent_workers=d.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # shards batches across ranks
     if teacher is not None:
         teacher.to(accelerator.device)  # frozen, never wrapped by DDP

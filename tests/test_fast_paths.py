@@ -1,0 +1,73 @@
+"""Fast paths give the plain path's results: fused AdamW, fused attention in QSD, device-side loss sums."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gkd.config import DistillConfig, load_config
+from gkd.distill import QSD
+from gkd.engine.common import make_adamw
+from gkd.engine.distill import train_distill
+from helpers import TINY
+
+
+def test_fused_adamw_matches_the_per_parameter_loop():
+    torch.manual_seed(0)
+    plain_model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    fused_model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    fused_model.load_state_dict(plain_model.state_dict())
+    fused = make_adamw(fused_model, 1e-2, 0.05, (0.9, 0.999))
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW([{"params": [p for p in plain_model.parameters() if p.ndim > 1], "weight_decay": 0.05},
+                               {"params": [p for p in plain_model.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.999), foreach=False)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        for model, opt in ((plain_model, plain), (fused_model, fused)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (name, a), b in zip(plain_model.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_fused_qsd_attention_matches_the_explicit_softmax(heads):
+    torch.manual_seed(0)
+    plain = QSD(12, 16, num_heads=heads, fused=False)
+    fused = QSD(12, 16, num_heads=heads, fused=True)
+    fused.load_state_dict(plain.state_dict())
+    s, t = torch.randn(3, 9, 12), torch.randn(3, 9, 16) * 0.3
+    a, b = plain(s, t), fused(s, t)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for (name, pa), pb in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert QSD(12, 16).fused is None  # automatic: fused on CUDA only
+
+
+def test_logged_losses_are_the_mean_of_the_steps_losses(tmp_path, shards, monkeypatch):
+    """Loss terms are summed on the device and read back once per log window: a window's record
+    must equal the mean of the per-step values (recorded here independently)."""
+    import gkd.engine.distill as loop
+
+    seen: list[float] = []
+    real = loop.DistillModel.forward
+
+    def spy(self, images, teacher):
+        out = real(self, images, teacher)
+        seen.append(float(out["loss"].detach()))
+        return out
+
+    monkeypatch.setattr(loop.DistillModel, "forward", spy)
+    out = tmp_path / "run"
+    train_distill(load_config(DistillConfig, [], [*TINY, f"out_dir={out}", f"data.train_shards={shards}",
+                                                  "engine.log_every=3", "budget.amount=6"]))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["loss"] for r in records if "loss" in r]
+    step_losses = seen[1:]  # the first forward is the FLOP count's sample step
+    assert windows == pytest.approx([sum(step_losses[:3]) / 3, sum(step_losses[3:]) / 3], rel=1e-6)
