@@ -96,10 +96,11 @@ class DistillPair:
 
 
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW with the stage-1 settings (wd 0.05, the project's decay / no-decay groups)."""
-    from gkd.engine.common import param_groups
+    """AdamW with the stage-1 settings (wd 0.05, the project's decay / no-decay groups), built as
+    train_distill builds it (``make_adamw``: fused where torch has a fused kernel)."""
+    from gkd.engine.common import make_adamw
 
-    return torch.optim.AdamW(param_groups(model, 0.05), lr=5e-4 * 8 / 512, betas=(0.9, 0.999))
+    return make_adamw(model, 5e-4 * 8 / 512, 0.05, (0.9, 0.999))
 
 
 def plain_step(pair: DistillPair, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ Both run the same step on the same pre-generated in-memory batches (data loading
 teacher forward, student + GKD objective forward/backward, AdamW. The framework side is built as
 train_distill builds it — DistillModel, the project's AdamW groups, make_accelerator (CPU unless
 CUDA), accelerator.prepare, Trainer.start / Trainer.step (seeding, accelerator.autocast/backward,
-non-finite check, loss-term bookkeeping, budget accounting, the metrics log every 20 steps). The
+non-finite check, loss-term bookkeeping, budget accounting; its metrics log every 20 steps is not reached at the default reps). The
 hand loop is `loss.backward(); opt.step(); opt.zero_grad()`. Interleaved, medians, random weights.
 
     OMP_NUM_THREADS=2 python benchmarks/framework_overhead.py              # DINOv2-S/14 → DeiT-Ti, batch 4, 224 px
