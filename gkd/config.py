@@ -59,6 +59,7 @@ class DataConfig:
     num_workers: int = 8
     shuffle_buffer: int = 5000
     aug: AugConfig = field(default_factory=AugConfig)
+    teacher_cache: Optional[str] = None  # a `gkd data cache-teacher` folder: train on its stored views and tokens
 
 
 @dataclass

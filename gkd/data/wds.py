@@ -473,6 +473,7 @@ def build_shard_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     return_keys: bool = False,
+    stream_cls: type[ShardStream] = ShardStream,
 ) -> DataLoader:
     """DataLoader over webdataset shards for one epoch of one rank; rebuild it every epoch.
 
@@ -491,6 +492,7 @@ def build_shard_loader(
         num_samples: declared total (overrides the index; needed for remote shards without one).
         pin_memory: passed to the DataLoader.
         return_keys: also yield ``key``: list of sample keys.
+        stream_cls: the dataset class (a teacher cache decodes its own samples, see teacher_cache).
 
     Returns:
         ``DataLoader`` of dict batches (module docstring); ``len()`` = ``steps_per_epoch -
@@ -506,7 +508,7 @@ def build_shard_loader(
                              f"{batch_size_per_rank} x {world_size}")
     if not 0 <= start_step <= steps_per_epoch:
         raise ValueError(f"start_step {start_step} outside [0, {steps_per_epoch}]")
-    dataset = ShardStream(shard_set, transform, batch_size_per_rank, rank=rank, world_size=world_size,
+    dataset = stream_cls(shard_set, transform, batch_size_per_rank, rank=rank, world_size=world_size,
                           epoch=epoch, seed=seed, steps_per_epoch=steps_per_epoch, start_step=start_step,
                           shuffle_buffer=shuffle_buffer, return_keys=return_keys)
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}

