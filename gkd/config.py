@@ -85,6 +85,8 @@ class EngineConfig:
     log_every: int = 20  # optimizer steps between metrics.jsonl records
     trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
     log_sample_keys: bool = False  # write each rank's sample keys per epoch (audits data splitting)
+    compile: bool = False  # torch.compile the student (stages 1-2): slow first steps, faster later ones
+    channels_last: Optional[bool] = None  # CNN students in channels-last memory; None: on CUDA only
 
 
 @dataclass

@@ -71,3 +71,45 @@ def test_logged_losses_are_the_mean_of_the_steps_losses(tmp_path, shards, monkey
     windows = [r["loss"] for r in records if "loss" in r]
     step_losses = seen[1:]  # the first forward is the FLOP count's sample step
     assert windows == pytest.approx([sum(step_losses[:3]) / 3, sum(step_losses[3:]) / 3], rel=1e-6)
+
+
+def _run(tmp_path, shards, name, *extra, base=TINY):
+    out = tmp_path / name
+    train_distill(load_config(DistillConfig, [], [*base, f"out_dir={out}", f"data.train_shards={shards}",
+                                                  "engine.log_every=1", "budget.amount=3", *extra]))
+    from helpers import reset_accelerate
+
+    reset_accelerate()
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_compiled_student_trains_like_the_eager_one(tmp_path, shards):
+    eager = _run(tmp_path, shards, "eager")
+    compiled = _run(tmp_path, shards, "compiled", "engine.compile=true")
+    assert [r["loss"] for r in compiled if "loss" in r] == pytest.approx([r["loss"] for r in eager if "loss" in r],
+                                                                          rel=1e-4)
+    flops = [next(r["flops_per_step"] for r in rs if r.get("event") == "flops") for rs in (eager, compiled)]
+    assert flops[0] > 0 and flops[1] > 0
+
+
+def test_channels_last_cnn_student_trains_like_the_contiguous_one(tmp_path, shards):
+    cnn = [x for x in TINY if not x.startswith("student.")] + ["student.name=resnet18"]
+    plain = _run(tmp_path, shards, "plain", "engine.channels_last=false", base=cnn)
+    cl = _run(tmp_path, shards, "cl", "engine.channels_last=true", base=cnn)
+    assert [r["loss"] for r in cl if "loss" in r] == pytest.approx([r["loss"] for r in plain if "loss" in r], rel=1e-4)
+
+
+def test_fast_path_switches_reach_the_student():
+    from gkd.engine.distill import _fast_paths
+    from gkd.models import build_student
+
+    cfg = load_config(DistillConfig, [], ["data.train_shards=x", "engine.channels_last=true", "engine.compile=true"])
+    cnn = build_student("resnet18", img_size=56, grid=(4, 4))
+    assert _fast_paths(cfg, cnn) is True
+    assert cnn.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert cnn._compiled_call_impl is not None  # nn.Module.compile: same parameter names
+    vit = build_student("vit_tiny_patch16_224", img_size=56, patch_size=14, depth=1, embed_dim=32, num_heads=2)
+    assert _fast_paths(cfg, vit) is False  # channels-last is for CNN students only
+    auto = load_config(DistillConfig, [], ["data.train_shards=x"])
+    assert _fast_paths(auto, build_student("resnet18", img_size=56, grid=(4, 4))) is torch.cuda.is_available()

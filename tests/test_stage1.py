@@ -179,8 +179,13 @@ def test_grad_accumulation_matches_full_batch(tmp_path, shards):
 
 
 def test_bf16_autocast_trains(tmp_path, shards):
-    """The mixed-precision path (bf16 autocast via accelerate) runs and stays finite on CPU."""
+    """The mixed-precision path (bf16 autocast via accelerate) runs, stays finite on CPU and gives the
+    fp32 run's losses within bf16's precision."""
     out = tmp_path / "bf16"
     train_distill(_cfg(out, shards, "optim.epochs=1", "engine.mixed_precision=bf16"))
+    reset_accelerate()
+    train_distill(_cfg(tmp_path / "fp32", shards, "optim.epochs=1"))
     losses = [r["loss"] for r in _records(out) if "loss" in r]
+    reference = [r["loss"] for r in _records(tmp_path / "fp32") if "loss" in r]
     assert len(losses) == 6 and all(np.isfinite(losses))
+    np.testing.assert_allclose(losses, reference, rtol=0.05)

@@ -61,6 +61,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     if cache:
         _check_cache(cache, teacher)
     student = _build_student(cfg, teacher.grid)
+    channels_last = _fast_paths(cfg, student)
     objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim, **cfg.method.options)
     model = DistillModel(student, objective)
     optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
@@ -88,6 +89,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     # ---- loop ------------------------------------------------------------------------------------
     def step_loss(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["image"].to(accelerator.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if cache:  # the teacher ran once, when the cache was written
             dev = accelerator.device
             return model(images, Tokens(cls=batch["teacher_cls"].to(dev), patch=batch["teacher_patch"].to(dev),
@@ -131,6 +134,20 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     model = optimizer = batches = None  # noqa: F841  (see Trainer.close)
     trainer.close()
     return encoder_path
+
+
+def _fast_paths(cfg: DistillConfig, student: nn.Module) -> bool:
+    """Opt-in ``torch.compile`` of the student (in place: parameter names, hence checkpoints and the
+    handoff file, stay the same) and channels-last CNN students; returns whether inputs go channels-last."""
+    channels_last = cfg.engine.channels_last
+    if channels_last is None:
+        channels_last = torch.cuda.is_available() and not cfg.engine.cpu
+    channels_last = bool(channels_last) and student.kind == "cnn"
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+    if cfg.engine.compile:
+        student.compile()
+    return channels_last
 
 
 def build_stage_teacher(cfg: DistillConfig) -> nn.Module:
