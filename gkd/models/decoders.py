@@ -319,14 +319,21 @@ class Mask2FormerDecoder(Decoder):
         """[B, K, H_0, W_0]: see ``_semantic_logits``."""
         return self._semantic_logits(self(features))
 
+    def loss(self, features: Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """The set loss alone (see ``_set_loss``): no distillation logits are computed."""
+        return self._set_loss(self(features), labels)
+
     def loss_and_logits(self, features: Sequence[Tensor], labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The set loss and the distillation logits of the same forward."""
+        out = self(features)
+        return self._set_loss(out, labels), self._semantic_logits(out)
+
+    def _set_loss(self, out: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
         """Hungarian-matched set loss against the semantic labels (one target mask per present class).
 
         Returns ``loss`` = Σ over all predictions (last + aux) of 2·CE + 5·BCE + 5·dice (weights as
-        configured) and the detached sums ``loss_cls``, ``loss_mask``, ``loss_dice`` (each weighted),
-        with the distillation logits of the same forward.
+        configured) and the detached sums ``loss_cls``, ``loss_mask``, ``loss_dice`` (each weighted).
         """
-        out = self(features)
         logits = out["mask_logits"]
         self._check_labels(labels, logits.shape[0])
         masks, classes = semantic_to_instances(labels)
@@ -349,7 +356,7 @@ class Mask2FormerDecoder(Decoder):
             base = next(k for k in names if key == k or key.startswith(k + "_"))
             sums[names[base]] = sums[names[base]] + self.weights[base] * value
         total = sums["loss_cls"] + sums["loss_mask"] + sums["loss_dice"]
-        return {"loss": total, **{k: v.detach() for k, v in sums.items()}}, self._semantic_logits(out)
+        return {"loss": total, **{k: v.detach() for k, v in sums.items()}}
 
 
 DECODERS: dict[str, type[Decoder]] = {

@@ -185,28 +185,33 @@ class Segmentor(nn.Module):
 
         A frozen encoder runs without autograd: nothing flows back into it.
         """
-        return self._encode(x)[0]
+        return self._encode(x, with_last=False)[0]
 
-    def _encode(self, x: Tensor, blocks: Sequence[int] = ()) -> tuple[list[Tensor], Tensor, dict[int, Tensor]]:
-        """(the 4 decoder inputs, the encoder's last map, ViT block maps for ``blocks``) in one pass."""
+    def _encode(self, x: Tensor, blocks: Sequence[int] = (), with_last: bool = True
+                ) -> tuple[list[Tensor], Tensor | None, dict[int, Tensor]]:
+        """(the 4 decoder inputs, the encoder's last map if ``with_last``, ViT block maps for ``blocks``)
+        in one pass; nothing past the deepest requested block/stage is computed."""
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             if self.encoder.kind == "vit":
                 depth = self.encoder.depth
-                extra = [depth - 1, *(int(b) % depth for b in blocks)]
+                extra = [depth - 1] if with_last else []
+                extra += [int(b) % depth for b in blocks]
                 maps = self.encoder.intermediate_layers(x, self.layers + extra, norm=self.feature_norm)
                 features = [
                     m if s == 1.0 else F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False)
                     for m, s in zip(maps, VIT_SCALES)
                 ]
-                return features, maps[len(self.layers)], dict(zip(blocks, maps[len(self.layers) + 1:]))
+                rest = maps[len(self.layers):]
+                last = rest.pop(0) if with_last else None
+                return features, last, dict(zip(blocks, rest))
             if blocks:
                 raise ValueError("block outputs are a ViT notion; this encoder is a CNN")
             # timm's forward_intermediates returns the feature_info stage maps (same modules as forward),
             # in stage order, each index once.
             last = len(self.encoder.encoder.feature_info) - 1
-            wanted = sorted({*self.layers, last})
+            wanted = sorted({*self.layers, last} if with_last else set(self.layers))
             maps = dict(zip(wanted, self.encoder.encoder.forward_intermediates(x, indices=wanted, intermediates_only=True)))
-            return [maps[i] for i in self.layers], maps[last], {}
+            return [maps[i] for i in self.layers], maps[last] if with_last else None, {}
 
     def distill_outputs(self, images: Tensor, labels: Tensor | None = None, blocks: Sequence[int] = (),
                         logits: bool = True) -> tuple[dict[str, Tensor] | None, "SegOutputs"]:
