@@ -33,12 +33,13 @@ from PIL import Image
 
 from gkd.data.shards import ShardIndex
 from gkd.data.wds import (
-    IMAGE_FIELDS,
+    _DECODE_ERRORS,
     ShardStream,
     _mix,
     _preserved_rng,
     _read_shard,
     _seed_all,
+    decode_image,
     resolve_shards,
 )
 
@@ -68,14 +69,6 @@ def _crop_flip(transform: Callable, img: Image.Image, seed: int) -> dict[str, An
     return {"crop": box, "flip": flipped}
 
 
-def _decode_image(sample: dict) -> Image.Image:
-    data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
-    if data is None:
-        raise ValueError(f"sample {sample.get('__key__')} has no image field")
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
-
-
 @torch.no_grad()
 def write_teacher_cache(shards: str, out_dir: str | Path, teacher: torch.nn.Module, transform: Callable,
                         views: int = 4, seed: int = 0, batch_size: int = 32, shard_size: int = 256,
@@ -93,7 +86,7 @@ def write_teacher_cache(shards: str, out_dir: str | Path, teacher: torch.nn.Modu
     shard_set = resolve_shards(shards)
     teacher = teacher.to(device).eval()
     pattern = str(out / "cache-%06d.tar")
-    num_images = 0
+    counts: dict[str, int] = {}  # shard file → images written to it (this run's shards only)
     skipped: list[str] = []
     pending: list[tuple[dict, torch.Tensor, list[dict]]] = []
 
@@ -111,6 +104,8 @@ def write_teacher_cache(shards: str, out_dir: str | Path, teacher: torch.nn.Modu
             if "cls" in sample:
                 record["cls"] = sample["cls"]
             sink.write(record)
+            name = Path(sink.fname).name
+            counts[name] = counts.get(name, 0) + 1
         pending.clear()
 
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
@@ -119,8 +114,8 @@ def write_teacher_cache(shards: str, out_dir: str | Path, teacher: torch.nn.Modu
             for sample in _read_shard(url, expected):
                 key = sample["__key__"]
                 try:
-                    img = _decode_image(sample)
-                except (OSError, ValueError) as exc:
+                    img = decode_image(sample)
+                except _DECODE_ERRORS as exc:
                     log.warning("teacher cache: skipping undecodable sample %s in %s: %s", key, url, exc)
                     skipped.append(key)
                     continue
@@ -132,17 +127,14 @@ def write_teacher_cache(shards: str, out_dir: str | Path, teacher: torch.nn.Modu
                         _seed_all(view_seed)
                         stack.append(transform(img))
                 pending.append((sample, torch.stack(stack), params))
-                num_images += 1
                 if len(pending) * views >= batch_size:
                     flush(sink)
         flush(sink)
-    tars = sorted(p.name for p in out.glob("cache-*.tar"))
-    counts = [sum(1 for _ in _read_shard(str(out / t), None)) for t in tars]
-    index = ShardIndex(shards=tars, counts=counts, classes=list(shard_set.classes), prefix="cache", seed=seed,
+    index = ShardIndex(shards=list(counts), counts=list(counts.values()), classes=list(shard_set.classes), prefix="cache", seed=seed,
                        shuffled=False, num_skipped=len(skipped), skipped=skipped[:100])
     (out / CACHE_INDEX).write_text(json.dumps(index.to_json(), indent=2))
     spec = getattr(teacher, "spec", {})
-    (out / CACHE_META).write_text(json.dumps({"views": views, "seed": seed, "num_images": num_images,
+    (out / CACHE_META).write_text(json.dumps({"views": views, "seed": seed, "num_images": sum(counts.values()),
                                               "num_skipped": len(skipped), "teacher": spec}, indent=2))
     if skipped:
         log.warning("teacher cache: skipped %d undecodable image(s)", len(skipped))
@@ -178,15 +170,8 @@ class CachedShardStream(ShardStream):
                             type(exc).__name__, exc)
             return None
 
-    def _make_batch(self, raw: list[dict], stream: Any) -> dict:
-        decoded = [self._decode(s) for s in raw]
-        items = [d if d is not None else self._donor(decoded, j, stream) for j, d in enumerate(decoded)]
-        batch = {name: torch.stack([it[0][name] for it in items]) for name in ("image", "teacher_cls", "teacher_patch")}
-        batch["label"] = torch.tensor([it[1] for it in items], dtype=torch.int64)
-        batch["skipped"] = torch.tensor([int(d is None) for d in decoded], dtype=torch.int64)
-        if self.return_keys:
-            batch["key"] = [s["__key__"] for s in raw]
-        return batch
+    def _prepare(self, payload: dict[str, torch.Tensor], sample: dict) -> dict[str, torch.Tensor]:
+        return payload  # augmented when the cache was written
 
 
 def build_cache_loader(cache_dir: str | Path, batch_size_per_rank: int, **kw: Any) -> torch.utils.data.DataLoader:

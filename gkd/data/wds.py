@@ -348,6 +348,16 @@ def _seed_all(seed: int) -> None:
     torch.default_generator.manual_seed(seed)  # CPU only: never touches CUDA generators
 
 
+def decode_image(sample: dict) -> Image.Image:
+    """The RGB image of a raw webdataset sample (first of ``IMAGE_FIELDS``), fully decoded; raises one
+    of ``_DECODE_ERRORS`` when it has none or it cannot be read."""
+    data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
+    if data is None:
+        raise ValueError(f"no image field (looked for {', '.join(IMAGE_FIELDS)})")
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")  # convert() forces a full decode
+
+
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     """Fallback transform: PIL RGB -> float [3,H,W] in [0,1]."""
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
@@ -400,17 +410,13 @@ class ShardStream(IterableDataset):
         finally:
             stream.close()
 
-    def _decode(self, sample: dict) -> tuple[Image.Image, int] | None:
-        """(RGB image, label), or None (logged once per key) when the sample is unusable."""
+    def _decode(self, sample: dict) -> tuple[Any, int] | None:
+        """(payload, label), or None (logged once per key) when the sample is unusable; the payload
+        (here the RGB image) is what ``_prepare`` turns into the sample's tensors."""
         key = sample.get("__key__")
         try:
-            data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
-            if data is None:
-                raise ValueError(f"no image field (looked for {', '.join(IMAGE_FIELDS)})")
             label = int(sample["cls"]) if "cls" in sample else -1
-            with Image.open(io.BytesIO(data)) as im:
-                img = im.convert("RGB")  # convert() forces a full decode
-            return img, label
+            return decode_image(sample), label
         except _DECODE_ERRORS as exc:
             if key not in self._logged:
                 self._logged.add(key)
@@ -431,19 +437,23 @@ class ShardStream(IterableDataset):
         raise RuntimeError(f"no decodable image among {b + _MAX_LOOKAHEAD} consecutive samples "
                            f"(rank {self.rank}); the shards look broken")
 
+    def _prepare(self, img: Image.Image, sample: dict) -> dict[str, torch.Tensor]:
+        """The slot's tensors: its image, augmented with the slot's own seed (so a donor image gets a
+        fresh augmentation)."""
+        _seed_all(_mix("aug", self.seed, self.epoch, sample["__pass__"], sample["__key__"]))
+        return {"image": self.transform(img)}
+
     def _make_batch(self, raw: list[dict], stream: _Lookahead) -> dict:
         decoded = [self._decode(s) for s in raw]
         skipped = [int(d is None) for d in decoded]
-        images, labels = [], []
+        items, labels = [], []
         with _preserved_rng():
             for j, sample in enumerate(raw):
-                img, label = decoded[j] if decoded[j] is not None else self._donor(decoded, j, stream)
-                # The slot's own key seeds it, so a donor image gets a fresh augmentation.
-                _seed_all(_mix("aug", self.seed, self.epoch, sample["__pass__"], sample["__key__"]))
-                images.append(self.transform(img))
+                payload, label = decoded[j] if decoded[j] is not None else self._donor(decoded, j, stream)
+                items.append(self._prepare(payload, sample))
                 labels.append(label)
-        batch = {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64),
-                 "skipped": torch.tensor(skipped, dtype=torch.int64)}
+        batch = {name: torch.stack([it[name] for it in items]) for name in items[0]}
+        batch.update(label=torch.tensor(labels, dtype=torch.int64), skipped=torch.tensor(skipped, dtype=torch.int64))
         if self.return_keys:
             batch["key"] = [s["__key__"] for s in raw]
         return batch
