@@ -320,11 +320,6 @@ def final_table(results: Mapping[str, Any], source: Mapping[str, Any] | None) ->
     return header, rows
 
 
-def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|:--" + "|--:" * (len(header) - 1) + "|",
-            *["| " + " | ".join(r) + " |" for r in rows]]
-
-
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     cols = [header, *rows]
     widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
@@ -484,6 +479,8 @@ def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 def _write_summary(result: DemoResult, plan: DemoPlan, seed: int, quick: bool) -> None:
     """demo.json, and a demo section at the top of report/results.md."""
+    from gkd.eval.report import md_table
+
     out = result.out_dir
     summary = {
         "teacher": {**result.teacher.config(), "description": result.teacher.description},
@@ -503,7 +500,7 @@ def _write_summary(result: DemoResult, plan: DemoPlan, seed: int, quick: bool) -
         f"(stage 1 on {plan.sizes.pool} unlabelled pool images, stage 2 on {plan.sizes.train} source images, "
         f"stage 3: MLP decoder, {plan.s3_iters} iterations on their labels). '{BASELINE_ROW}': the same student "
         "with random weights, frozen, decoder trained the same way. mIoU (%):", "",
-        *_md(result.header, result.rows), "",
+        *md_table(result.header, result.rows), "",
         f"Wall-clock: {timing}. Panels: `{out / 'panels'}`. Seed {seed}{' (quick run)' if quick else ''}.", "",
         "---", "",
     ]

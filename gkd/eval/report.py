@@ -56,8 +56,9 @@ def main_table(results: Mapping[str, Any], missing: str = _MISSING) -> tuple[lis
     return header, rows
 
 
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|:--" + "|--:" * (len(header) - 1) + "|"]
+def md_table(header: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) -> list[str]:
+    """A Markdown table's lines; the first `left` columns are left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] * left + ["--:"] * (len(header) - left)) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
 
@@ -73,7 +74,7 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     if suite["mode"] == "slide":
         setup += f", crop {suite['crop'][0]}×{suite['crop'][1]}, stride {suite['stride'][0]}×{suite['stride'][1]}"
     lines += [f"{suite.get('source') or '?'} → {', '.join(names)}. mIoU (%), {setup}.", ""]
-    lines += _md_table(*main_table(results)) + [""]
+    lines += md_table(*main_table(results)) + [""]
     for target in suite["targets"]:
         name = target["name"]
         entries = [(m["name"], m["datasets"][name]) for m in results["models"] if name in m["datasets"]]
@@ -84,12 +85,12 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         lines += [f"## {name}", "",
                   f"`{first['manifest']}` split `{first['split']}`, {first['num_images']} images, "
                   f"resize {'×'.join(map(str, resize)) + ' (keep ratio)' if resize else 'none'}.", ""]
-        lines += _md_table(["Model", "aAcc", "mIoU", "mAcc"],
+        lines += md_table(["Model", "aAcc", "mIoU", "mAcc"],
                            [[n, fmt(d["aAcc"]), fmt(d["mIoU"]), fmt(d["mAcc"])] for n, d in entries]) + [""]
         for key, title in (("IoU", "IoU per class (%)"), ("Acc", "Accuracy per class (%)")):
             classes = list(first[key])
             lines += [f"### {title}", ""]
-            lines += _md_table(["Model", *classes],
+            lines += md_table(["Model", *classes],
                                [[n, *(fmt(d[key].get(c)) for c in classes)] for n, d in entries]) + [""]
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ from omegaconf import MISSING
 from gkd.config import BudgetConfig, DistillConfig, SegmentConfig, load_config, to_yaml
 from gkd.distill import METHODS, get_method
 from gkd.engine.checkpoint import read_metadata
-from gkd.eval.report import _nan_to_none
+from gkd.eval.report import _nan_to_none, fmt, md_table
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +269,8 @@ def _lineage_budget(path: str | Path) -> float | None:
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    """A float with `digits` decimals (– for None/NaN, as in the eval report); ints as they are."""
+    return str(v) if isinstance(v, int) else fmt(v, digits)
 
 
 def table_rows(table: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -291,8 +290,7 @@ def to_markdown(table: Mapping[str, Any]) -> str:
     header, rows = table_rows(table)
     lines = [f"# {table['suite']}: methods at a matched budget", "",
              "mIoU (%) per target; 'used' sums every stage of a run (a GKD row: stage 1 + 2 + 3).", "",
-             "| " + " | ".join(header) + " |", "|:--|:--" + "|--:" * (len(header) - 2) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+             *md_table(header, rows, left=2)]
     return "\n".join(lines) + "\n"
 
 
