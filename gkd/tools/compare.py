@@ -36,6 +36,7 @@ from omegaconf import MISSING
 from gkd.config import BudgetConfig, DistillConfig, SegmentConfig, load_config, to_yaml
 from gkd.distill import METHODS, get_method
 from gkd.engine.checkpoint import read_metadata
+from gkd.engine.common import reset_accelerate_state
 from gkd.eval.report import _nan_to_none, fmt, md_table
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ def check_methods(methods: Sequence[str], baseline: str | None) -> None:
         raise ValueError(f"baseline {baseline!r} is not among the methods {list(methods)}")
 
 
+def _is_task(method: str) -> bool:
+    """A task-level method's row: the student trained with that loss against the teacher segmentor."""
+    return method in METHODS and METHODS[method].level == "task"
+
+
 def run_compare(plan: ComparePlan) -> dict[str, Any]:
     """Run (or reuse) every method of `plan`, evaluate them, write the table and plot; return the table."""
     from gkd.eval import run_eval
@@ -107,7 +113,7 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.yaml").write_text(to_yaml(plan))
     order = sorted(plan.methods, key=lambda m: m != "teacher")  # task-level rows need the teacher segmentor
-    needs_teacher = any(m in METHODS and METHODS[m].level == "task" for m in plan.methods)
+    needs_teacher = any(_is_task(m) for m in plan.methods)
     if needs_teacher and "teacher" not in plan.methods:
         order.insert(0, "teacher")
     segmentors = {m: _run_method(plan, m, out) for m in order}
@@ -115,16 +121,10 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
     results = run_eval(list(runs.values()), plan.suite, out / "eval", roots=dict(plan.roots),
                        batch_size=plan.eval.batch_size, num_workers=plan.eval.num_workers, limit=plan.eval.limit,
                        model_name=list(runs))
-    _reset()
+    reset_accelerate_state()
     table = compare_table(runs, results, plan.baseline)
     write_compare(table, out)
     return table
-
-
-def _reset() -> None:
-    from gkd.engine.common import reset_accelerate_state
-
-    reset_accelerate_state()
 
 
 def _budget(plan: ComparePlan, share: float = 1.0) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def _segment(plan: ComparePlan, out_dir: Path, encoder: Path, extra: dict[str, A
     try:
         return train_segmentor(cfg)
     finally:
-        _reset()
+        reset_accelerate_state()
 
 
 def _run_method(plan: ComparePlan, method: str, out: Path) -> Path:
@@ -157,7 +157,7 @@ def _run_method(plan: ComparePlan, method: str, out: Path) -> Path:
         log.info("compare: %s: reusing %s", method, final)
         return final
     t, s = plan.teacher, plan.student
-    task_row = method == "none" or (method in METHODS and METHODS[method].level == "task")
+    task_row = method == "none" or _is_task(method)
     for role, spec, needed in (("teacher", t, method == "teacher"), ("student", s, task_row)):
         if needed and not spec.name:
             raise ValueError(f"row {method!r} needs {role}.name in the plan")
@@ -205,7 +205,7 @@ def _run_representation(plan: ComparePlan, method: str, root: Path) -> Path:
             try:
                 train_distill(cfg)
             finally:
-                _reset()
+                reset_accelerate_state()
         parent = str(encoder)
     return _segment(plan, root / "s3", Path(parent), {}, share=r.shares[2])
 
