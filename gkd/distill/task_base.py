@@ -20,7 +20,8 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EncoderInfo", "SegOutputs", "TaskKDLoss", "resize_to", "teacher_map", "pixel_kl", "IGNORE_INDEX"]
+__all__ = ["EncoderInfo", "SegOutputs", "TaskKDLoss", "resize_to", "resize_labels", "teacher_map", "pixel_kl",
+           "IGNORE_INDEX"]
 
 IGNORE_INDEX = 255
 
@@ -104,3 +105,8 @@ def pixel_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
     log_p_t = F.log_softmax(t_logits / temperature, dim=1)
     log_p_s = F.log_softmax(s_logits / temperature, dim=1)
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Labels [B,H,W] (255 = ignore) nearest-sampled to a loss's grid: [B,h,w] int64."""
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkd.distill.task_base import IGNORE_INDEX, EncoderInfo, SegOutputs, TaskKDLoss, pixel_kl
+from gkd.distill.task_base import IGNORE_INDEX, EncoderInfo, SegOutputs, TaskKDLoss, pixel_kl, resize_labels
 from gkd.distill.task_base import teacher_map as _teacher
 
 __all__ = ["VanillaKD", "FitNet", "CWD", "ViTKD", "LOSSES"]
@@ -31,8 +31,7 @@ __all__ = ["VanillaKD", "FitNet", "CWD", "ViTKD", "LOSSES"]
 
 def _valid_pixels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     """Labels [B,H,W] → bool mask [B,h,w] of non-ignore pixels, nearest-sampled to ``size``."""
-    small = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0]
-    return small != IGNORE_INDEX
+    return resize_labels(labels, size) != IGNORE_INDEX
 
 
 class VanillaKD(TaskKDLoss):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkd.distill.task_base import IGNORE_INDEX, EncoderInfo, SegOutputs, TaskKDLoss
+from gkd.distill.task_base import IGNORE_INDEX, EncoderInfo, SegOutputs, TaskKDLoss, resize_labels
 from gkd.distill.task_base import pixel_kl as _pixel_kl
 from gkd.distill.task_base import teacher_map as _teacher
 
@@ -335,7 +335,7 @@ class LFD(TaskKDLoss):
 
     def aux_loss(self, logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
         """Class-weighted CE of aux logits [B,K,h,w] vs labels nearest-sampled to [h,w]."""
-        y = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        y = resize_labels(labels, logits.shape[-2:])
         valid = y != IGNORE_INDEX
         y = torch.where(valid, y, 0)                # any class id; these pixels are zeroed below
         ce = F.cross_entropy(logits, y, reduction="none")
