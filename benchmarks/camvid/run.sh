@@ -32,7 +32,7 @@ for m in gkd proteus; do
 done
 
 # No distillation: the stage-2 student's architecture (160 px, patch 16), randomly initialised, frozen.
-python -c "import sys; from gkd.demo.run import write_baseline_encoder as w; w(*sys.argv[1:])" \
+python -c "import sys; from gkd.tools.encoders import write_baseline_encoder as w; w(*sys.argv[1:])" \
     "$OUT/gkd/s2/encoder.safetensors" "$OUT/none/encoder.safetensors"
 timed none stage3 gkd stage3 --config $B/stage3.yaml encoder="$OUT/none/encoder.safetensors" \
     out_dir="$OUT/none/s3" data.root="$DATA/camvid"

@@ -186,25 +186,6 @@ def _shard_pattern(out_dir: Path, prefix: str, num_shards: int) -> str:
     return f"{out_dir}/{prefix}-{{000000..{num_shards - 1:06d}}}.tar"
 
 
-def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0) -> Path:
-    """The reference encoder's architecture with random (timm-initialised) weights: no distillation.
-
-    Written as an encoder.safetensors (stage 0, same spec and input normalisation as `reference`),
-    so stage 3 trains the same decoder on it exactly as on the distilled encoder.
-    """
-    import torch
-
-    from gkd.engine.checkpoint import read_metadata, save_handoff
-    from gkd.models import build_student_from_spec
-
-    meta = read_metadata(reference)
-    torch.manual_seed(seed)
-    student = build_student_from_spec(meta["gkd_spec"])
-    return save_handoff(out, student, student.spec, stage=0,
-                        config={"demo_baseline": "random initialisation, no distillation", "seed": seed},
-                        extra={"input_norm": meta["gkd_input_norm"]})
-
-
 # ----------------------------------------------------------------------------------------------
 # panels
 
@@ -376,6 +357,7 @@ def run_demo(out_dir: str | Path = "runs/demo", teacher: str | None = None, seed
     from gkd.config import DistillConfig, SegmentConfig, load_config
     from gkd.engine.distill import train_distill
     from gkd.engine.segment import train_segmentor
+    from gkd.tools.encoders import write_baseline_encoder
 
     def distill_cfg(stage: int, extra: dict[str, Any]) -> Any:
         base: dict[str, Any] = {

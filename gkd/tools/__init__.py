@@ -28,6 +28,7 @@ _EXPORTS = {
     "ExportResult": "export",
     "write_teacher_encoder": "encoders",
     "write_student_encoder": "encoders",
+    "write_baseline_encoder": "encoders",
     "run_compare": "compare",
     "compare_table": "compare",
 }

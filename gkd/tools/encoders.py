@@ -5,7 +5,7 @@
   "teacher" row of a comparison and the source of logits/features for task-level distillation.
 * ``write_student_encoder``: a student at the stage-3 geometry with timm's random initialisation or
   an (ImageNet) checkpoint — the starting point of task-level distillation and of the no-distillation
-  baseline.
+  baseline; ``write_baseline_encoder``: the same from another encoder file's architecture.
 
 Both go through ``build_student``: the teacher's timm weights are loaded strictly into a student of
 the same architecture, with its patch kernel (FlexiViT PI-resize) and position table resampled
@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from gkd.engine.checkpoint import save_handoff
-from gkd.models import build_student, build_teacher
+from gkd.engine.checkpoint import read_metadata, save_handoff
+from gkd.models import build_student, build_student_from_spec, build_teacher
 
-__all__ = ["write_teacher_encoder", "write_student_encoder"]
+__all__ = ["write_teacher_encoder", "write_student_encoder", "write_baseline_encoder"]
 
 
 def write_teacher_encoder(out: str | Path, name: str, checkpoint: str | None = None, img_size: int = 512,
@@ -67,5 +67,20 @@ def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch
     torch.manual_seed(seed)
     student = build_student(name, img_size=img_size, patch_size=patch_size, checkpoint=checkpoint, **kw)
     init = str(checkpoint) if checkpoint else f"random (seed {seed})"
-    return save_handoff(out, student, student.spec, stage=0, config={"student_encoder": {"name": name, "init": init}},
-                        extra={"input_norm": {"mean": list(mean), "std": list(std)}})
+    return _save_plain(out, student, {"student_encoder": {"name": name, "init": init}},
+                       {"mean": list(mean), "std": list(std)})
+
+
+def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """The `reference` encoder file's architecture with random (timm-initialised) weights and the same
+    input normalisation: the no-distillation baseline, on which stage 3 trains the same decoder."""
+    meta = read_metadata(reference)
+    torch.manual_seed(seed)
+    student = build_student_from_spec(meta["gkd_spec"])
+    return _save_plain(out, student, {"demo_baseline": "random initialisation, no distillation", "seed": seed},
+                       meta["gkd_input_norm"])
+
+
+def _save_plain(out: str | Path, student: torch.nn.Module, config: dict[str, Any], input_norm: dict) -> Path:
+    """A stage-0 encoder file: no distillation stage wrote it, so no compute record and no parent."""
+    return save_handoff(out, student, student.spec, stage=0, config=config, extra={"input_norm": input_norm})
