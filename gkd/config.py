@@ -103,6 +103,7 @@ class DistillConfig:
 
     stage: int = 1
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # several runs, one per seed, in <out_dir>/seed<k>/ (see gkd.engine.stages)
     out_dir: str = "runs/stage1"
     resume: str = "auto"  # auto: latest checkpoint in out_dir if any | never | <checkpoint dir>
     init: Optional[str] = None  # parent encoder.safetensors (stage 2 starts from stage 1)
@@ -152,11 +153,24 @@ class SegOptimConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Which checkpoint stage 3 keeps. Only the source domain is ever read: `split` names a split of
+    `data.manifest` (e.g. Cityscapes `val`); it must not share files with `data.split`."""
+
+    rule: str = "last"  # last: the final weights | best: the best `split` mIoU among the evaluations
+    split: Optional[str] = None  # rule=best: the source-domain validation split (of data.manifest)
+    every: int = 2000  # rule=best: optimizer steps between evaluations (the final step is always one)
+    mode: str = "slide"  # inference as the evaluation suites: slide (crop = data.crop_size, stride 2/3) | whole
+    limit: Optional[int] = None  # score only the first N images of `split` (recorded in the protocol)
+
+
+@dataclass
 class SegmentConfig:
     """Stage 3: a decoder trained on the frozen stage-2 encoder with source-domain labels."""
 
     stage: int = 3
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # several runs, one per seed, in <out_dir>/seed<k>/ (see gkd.engine.stages)
     out_dir: str = "runs/stage3"
     resume: str = "auto"
     encoder: str = MISSING  # encoder.safetensors from stage 1 or 2 (or a teacher's, see `gkd teacher-encoder`)
@@ -166,6 +180,7 @@ class SegmentConfig:
     teacher: Optional[str] = None  # the teacher segmentor.safetensors (stage 3 run on the frozen teacher)
     train_encoder: Optional[bool] = None  # None: True exactly when a task-level method is selected
     data: SegDataConfig = field(default_factory=SegDataConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)

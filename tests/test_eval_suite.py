@@ -126,12 +126,13 @@ def install_fakes(module, data_root: Path, calls: dict | None = None, missing: t
     module.resolve_root = resolve_root
     module.build_dataset = build_dataset
     module.load_segmentor = load_segmentor
+    module.read_metadata = lambda path: {"gkd_spec": {"decoder": "fake"}, "gkd_config": {}}
     return calls
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    for hook in ("load_manifest", "resolve_root", "build_dataset", "load_segmentor"):
+    for hook in ("load_manifest", "resolve_root", "build_dataset", "load_segmentor", "read_metadata"):
         monkeypatch.setattr(suite_mod, hook, getattr(suite_mod, hook))  # restored after the test
     calls = install_fakes(suite_mod, tmp_path / "data")
     suite_file = tmp_path / "fake_suite.yaml"

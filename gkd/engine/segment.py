@@ -25,9 +25,10 @@ from gkd.config import SegmentConfig, to_container
 from gkd.data import build_dataset
 from gkd.data.seg_transforms import build_seg_train_transform
 from gkd.distill import EncoderInfo, SegOutputs, TaskKDLoss, build_task_loss, get_method
-from gkd.engine.checkpoint import file_sha256
+from gkd.engine.checkpoint import file_sha256, read_metadata
 from gkd.engine.common import Trainer, make_accelerator, make_adamw, micro_batch_size
 from gkd.engine.compute import Budget, compute_metadata
+from gkd.engine.selection import Selector
 from gkd.models.segmentor import Segmentor, build_segmentor, load_encoder_for_segmentor, load_segmentor, save_segmentor
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_subset.txt").write_text("".join(f"{dataset.image_path(i)}\n" for i in subset))
     train_set = Subset(dataset, subset) if d.fraction < 1 else dataset
+    selector = Selector(cfg, dataset, out_dir)  # refuses a selection split that is not held-out source data
     if len(train_set) < cfg.data.batch_size:
         raise ValueError(f"{len(train_set)} labelled images are fewer than one global batch ({cfg.data.batch_size})")
 
@@ -150,6 +152,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
                                 mean=input_norm["mean"], std=input_norm["std"], layers=cfg.decoder.layers,
                                 class_names=list(dataset.classes), train_encoder=train_encoder, **cfg.decoder.kwargs)
     encoder_hash = weights_hash(segmentor.encoder)
+    snapshot = segmentor if train_encoder else segmentor.decoder  # what selection keeps: the trained part
     kd = None
     if kd_method:
         kd = build_task_loss(method, encoder_info(segmentor), encoder_info(teacher), dataset.num_classes,
@@ -167,6 +170,8 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     o = cfg.optim
     budget = Budget(cfg.budget.kind, cfg.budget.amount if cfg.budget.amount is not None else o.iters)
     trainer = Trainer(cfg, accelerator, model, optimizer, budget, desc="stage 3")
+    if selector.rule == "best":
+        accelerator.register_for_checkpointing(selector)  # history + best weights resume with the run
     trainer.start()  # resumes from the latest checkpoint when there is one
     if accelerator.is_main_process:
         log.info("stage 3: %s, %s encoder, budget %s", f"task-level distillation {method!r}" if kd_method else
@@ -187,9 +192,18 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     segmentor.train()  # the decoder trains; the Segmentor keeps a frozen encoder in eval mode
     while not trainer.done:
         step = trainer.step_index
+        if selector.due(step):  # before the step: a run resumed at this step still scores it
+            selector.evaluate(segmentor, accelerator, step, snapshot)
         trainer.step(batches, loss_fn, poly_lr(step, trainer.fraction, o.lr, o.power, o.min_lr, o.warmup_iters),
                      step // steps_per_epoch)
+    if selector.due(trainer.step_index, final=True):
+        selector.evaluate(segmentor, accelerator, trainer.step_index, snapshot)
     compute = trainer.finish()
+    selector.restore_best(snapshot)
+    protocol = selector.record()
+    if kd_method:  # the teacher segmentor's own source data is part of this run's lineage
+        protocol["teacher"] = read_metadata(cfg.teacher).get("gkd_protocol")
+    trainer.metrics.write({"event": "selection", **protocol["selection"]})
 
     # ---- save --------------------------------------------------------------------------------------
     segmentor = accelerator.unwrap_model(model).segmentor
@@ -204,7 +218,8 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
                  "method": {"name": method, "options": to_container(cfg.method.options),
                             "encoder_trained": train_encoder,
                             "teacher": cfg.teacher if kd_method else None,
-                            "teacher_sha256": file_sha256(cfg.teacher) if kd_method else None}}
+                            "teacher_sha256": file_sha256(cfg.teacher) if kd_method else None},
+                 "protocol": protocol}
         save_segmentor(path, segmentor.train(False), config=to_container(cfg), parent=cfg.encoder, extra=extra)
         log.info("wrote %s", path)
     model = optimizer = loader = batches = None  # noqa: F841  (see Trainer.close)

@@ -1,12 +1,21 @@
-"""What `stages/stageN.py` and `gkd stageN` run: parse the config, check it fits the stage, train."""
+"""What `stages/stageN.py` and `gkd stageN` run: parse the config, check it fits the stage, train.
+
+`seeds=[0,1,2]` runs the stage once per seed into `<out_dir>/seed<k>/` and writes `<out_dir>/seeds.json`
+({"stage", "seeds", "runs": [handoff file per seed]}). Such a folder can be the parent of the next
+stage (`init=` / `encoder=`): each seed then starts from the parent run of the same seed. `gkd eval`
+takes the folder as one group of runs and reports mean ± std over them.
+"""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from gkd.config import ConfigError, DistillConfig, SegmentConfig, parse_cli
-from gkd.engine.common import setup_logging
+from gkd.engine.common import reset_accelerate_state, setup_logging
+
+SEEDS_FILE = "seeds.json"
 
 
 def run_stage(stage: int, argv: Sequence[str] | None = None) -> Path:
@@ -21,6 +30,8 @@ def run_stage(stage: int, argv: Sequence[str] | None = None) -> Path:
         sys.exit(f"config error: {e}")
     if cfg.stage != stage:
         sys.exit(f"config error: this entry point runs stage {stage}, the config says stage={cfg.stage}")
+    if cfg.seeds:
+        return _run_seeds(stage, cfg, list(argv if argv is not None else sys.argv[1:]))
     if stage == 2 and not cfg.init:
         sys.exit("config error: stage 2 starts from a stage-1 encoder: pass init=<run>/encoder.safetensors")
     if stage == 3:
@@ -30,3 +41,42 @@ def run_stage(stage: int, argv: Sequence[str] | None = None) -> Path:
     from gkd.engine.distill import train_distill
 
     return train_distill(cfg)
+
+
+def _run_seeds(stage: int, cfg, argv: list[str]) -> Path:
+    """One run per seed (later overrides win over `argv`'s), then the folder's seeds.json."""
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        sys.exit(f"config error: seeds has repeats: {list(cfg.seeds)}")
+    out, parent_key = Path(cfg.out_dir), ("encoder" if stage == 3 else "init")
+    parent = cfg.get(parent_key)
+    runs = []
+    for seed in cfg.seeds:
+        extra = [f"seed={seed}", f"out_dir={out / f'seed{seed}'}", "seeds=[]"]
+        if parent and Path(parent).is_dir():  # a multi-seed parent: the run of the same seed
+            extra.append(f"{parent_key}={seed_run(parent, seed)}")
+        runs.append(str(run_stage(stage, [*argv, *extra])))
+        reset_accelerate_state()  # the next run builds its own Accelerator
+    path = out / SEEDS_FILE
+    path.write_text(json.dumps({"stage": stage, "seeds": list(cfg.seeds), "runs": runs}, indent=2) + "\n")
+    return path
+
+
+def seed_runs(folder: str | Path) -> dict[int, Path]:
+    """seed → handoff file of a multi-seed run folder (its seeds.json); an error naming what is missing."""
+    path = Path(folder) / SEEDS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is a folder but not a multi-seed run (no {SEEDS_FILE}); "
+                                "give a .safetensors file or run the stage with seeds=[...]")
+    record = json.loads(path.read_text())
+    runs = {int(s): Path(r) for s, r in zip(record["seeds"], record["runs"])}
+    absent = [str(r) for r in runs.values() if not r.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{path} lists runs that are not on disk: {', '.join(absent)}")
+    return runs
+
+
+def seed_run(folder: str | Path, seed: int) -> Path:
+    runs = seed_runs(folder)
+    if seed not in runs:
+        raise FileNotFoundError(f"{folder} has no run of seed {seed} (seeds: {sorted(runs)})")
+    return runs[seed]

@@ -4,14 +4,19 @@ A results dict (what `run_eval` returns) is row-oriented, so other tools can add
 
     {"format": "gkd-eval/1",
      "suite":  {"name", "source", "mode", "crop", "stride", "targets": [{"name", "manifest", "split", "resize"}]},
-     "models": [{"name", "checkpoint", "spec",
+     "models": [{"name", "checkpoint", "spec", "seed",
+                 "protocol": {"source": {...}, "selection": {"rule", ...}, "checked_by_files": [...], ...},
                  "datasets": {<target name>: {"manifest", "split", "root", "resize", "num_images",
                                               "aAcc", "mIoU", "mAcc", "IoU": {class: %}, "Acc": {class: %}}},
-                 "average": {"mIoU", "mAcc", "aAcc"}}]}
+                 "average": {"mIoU", "mAcc", "aAcc"}}],
+     "groups": [{"name", "members": [model names], "seeds",          # optional: runs of one setup
+                 "datasets": {<target>: {"mIoU": {"mean", "std", "n"}, "mAcc": …, "aAcc": …}},
+                 "average": {"mIoU": {"mean", "std", "n"}, …}}]}
 
 Numbers are percentages at full precision; undefined ones are NaN in memory and `null` in
 metrics.json (strict JSON). The tables round mIoU & co. to one decimal, like the paper; "Avg" is
-the mean of the unrounded per-target values.
+the mean of the unrounded per-target values. A group's std is the sample standard deviation
+(n − 1) over its runs; its "Avg" is the mean ± std of the runs' own averages.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 METRICS_JSON, RESULTS_MD, RESULTS_CSV = "metrics.json", "results.md", "results.csv"
 _MISSING = "–"
+METRIC_KEYS = ("mIoU", "mAcc", "aAcc")
 
 
 def fmt(value: float | None, digits: int = 1, missing: str = _MISSING) -> str:
@@ -56,6 +62,52 @@ def main_table(results: Mapping[str, Any], missing: str = _MISSING) -> tuple[lis
     return header, rows
 
 
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n − 1) of per-run values; std is NaN for a single run,
+    both are NaN when a run's value is."""
+    n = len(values)
+    if not n or any(math.isnan(v) for v in values):
+        return {"mean": math.nan, "std": math.nan, "n": n}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n}
+
+
+def seed_groups(models: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """Per group of runs (e.g. seeds): mean ± std of every target's metrics and of the runs' averages."""
+    by_name = {m["name"]: m for m in models}
+    out = []
+    for name, members in groups.items():
+        runs = [by_name[m] for m in members]
+        out.append({
+            "name": name, "members": list(members), "seeds": [r.get("seed") for r in runs],
+            "datasets": {t: {k: mean_std([r["datasets"][t][k] for r in runs]) for k in METRIC_KEYS}
+                         for t in runs[0]["datasets"]},
+            "average": {k: mean_std([r["average"][k] for r in runs]) for k in METRIC_KEYS},
+        })
+    return out
+
+
+def fmt_pm(stat: Mapping[str, Any] | None, missing: str = _MISSING) -> str:
+    """'54.1 ± 0.3' (one decimal); a single run shows its value alone."""
+    if not stat or stat.get("mean") is None or math.isnan(stat["mean"]):
+        return missing
+    std = stat.get("std")
+    return fmt(stat["mean"]) if std is None or math.isnan(std) else f"{fmt(stat['mean'])} ± {fmt(std)}"
+
+
+def group_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header ['Model', target…, 'Avg'] and one 'mean ± std' mIoU row per group."""
+    names = target_names(results)
+    with_avg = len(names) > 1
+    header = ["Model", *names] + (["Avg"] if with_avg else [])
+    rows = []
+    for g in results.get("groups", []):
+        row = [f"{g['name']} (n={len(g['members'])})"] + [fmt_pm(g["datasets"].get(n, {}).get("mIoU")) for n in names]
+        rows.append(row + ([fmt_pm(g["average"]["mIoU"])] if with_avg else []))
+    return header, rows
+
+
 def md_table(header: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) -> list[str]:
     """A Markdown table's lines; the first `left` columns are left-aligned, the rest right-aligned."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] * left + ["--:"] * (len(header) - left)) + "|"]
@@ -73,8 +125,12 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     setup = f"{suite['mode']} inference"
     if suite["mode"] == "slide":
         setup += f", crop {suite['crop'][0]}×{suite['crop'][1]}, stride {suite['stride'][0]}×{suite['stride'][1]}"
-    lines += [f"{suite.get('source') or '?'} → {', '.join(names)}. mIoU (%), {setup}.", ""]
+    lines += [f"{suite.get('source') or '?'} → {', '.join(names)}. mIoU (%), {setup}, single scale, no flip.", ""]
+    if results.get("groups"):
+        lines += ["Mean ± sample standard deviation (n − 1) over runs; Avg: over the runs' own averages.", ""]
+        lines += md_table(*group_table(results)) + ["", "Each run:", ""]
     lines += md_table(*main_table(results)) + [""]
+    lines += protocol_lines(results)
     for target in suite["targets"]:
         name = target["name"]
         entries = [(m["name"], m["datasets"][name]) for m in results["models"] if name in m["datasets"]]
@@ -95,9 +151,72 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def protocol_lines(results: Mapping[str, Any]) -> list[str]:
+    """results.md's protocol section: targets and inference, then per model its source and selection."""
+    suite = results["suite"]
+    if suite["mode"] == "slide":
+        inference = (f"sliding window {suite['crop'][0]}×{suite['crop'][1]}, stride "
+                     f"{suite['stride'][0]}×{suite['stride'][1]}")
+    else:
+        inference = "whole image"
+    first = results["models"][0]["datasets"] if results["models"] else {}
+    lines = ["## Protocol", "", f"- Inference: {inference}; single scale, no flip; scores resized back to the label size.",
+             "- Targets (never read before this evaluation):"]
+    for t in suite["targets"]:
+        entry = first.get(t["name"], {})
+        resize = entry.get("resize", t.get("resize"))
+        size = f"resize {'×'.join(map(str, resize))} (keep ratio)" if isinstance(resize, list) else "original size"
+        lines.append(f"  - {t['name']}: `{entry.get('dataset', t['manifest'])}` split `{t['split']}`, "
+                     f"{entry.get('num_images', '?')} images, {size}")
+    rows = [[m["name"], str(m.get("seed", "–")), _source_text(p), _selection_text(p), _checked_text(p)]
+            for m in results["models"] for p in [m.get("protocol") or {}]]
+    lines += ["", *md_table(["Model", "Seed", "Source (training)", "Model selection", "Checked against the targets"],
+                            rows, left=5), ""]
+    return lines
+
+
+def _source_text(p: Mapping[str, Any]) -> str:
+    src = p.get("source")
+    if not src:
+        return "unknown (no protocol record)"
+    text = f"`{src['manifest']}` split `{src['split']}`"
+    if src.get("num_images") is not None:
+        text += f", {src['num_images']} images"
+    if src.get("fraction") not in (None, 1, 1.0):
+        text += f" ({100 * src['fraction']:g} % used)"
+    teacher = (p.get("teacher") or {}).get("source")
+    return text + (f"; teacher segmentor: `{teacher['manifest']}` `{teacher['split']}`" if teacher else "")
+
+
+def _selection_text(p: Mapping[str, Any]) -> str:
+    sel = p.get("selection")
+    if not sel:
+        return "unknown" if not p.get("source") else "last checkpoint"
+    if sel.get("rule") != "best":
+        return "last checkpoint"
+    limit = f", first {sel['limit']} images" if sel.get("limit") else ""
+    return (f"best mIoU on `{sel['manifest']}` split `{sel['split']}`{limit}, every {sel['every']} steps: "
+            f"step {sel['step']} ({fmt(sel['score'])})")
+
+
+def _checked_text(p: Mapping[str, Any]) -> str:
+    parts = []
+    if p.get("checked_by_files"):
+        parts.append("files: " + "; ".join(p["checked_by_files"]))
+    if p.get("checked_by_name_only"):
+        parts.append("names only (data not on this machine): " + "; ".join(p["checked_by_name_only"]))
+    return " / ".join(parts) or "nothing recorded to check"
+
+
 def to_csv(results: Mapping[str, Any]) -> str:
-    """results.csv: the main table (mIoU, one decimal; empty cell where undefined)."""
+    """results.csv: the main table (mIoU, one decimal; empty cell where undefined), then per group a
+    `<group> mean` and a `<group> std` row."""
     header, rows = main_table(results, missing="")
+    names = target_names(results)
+    for g in results.get("groups", []):
+        for key in ("mean", "std"):
+            row = [f"{g['name']} {key}"] + [fmt(g["datasets"][n]["mIoU"][key], missing="") for n in names]
+            rows.append(row + ([fmt(g["average"]["mIoU"][key], missing="")] if len(header) > len(row) else []))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -149,6 +268,10 @@ def read_results(path: str | Path) -> dict[str, Any]:
             for key in ("IoU", "Acc"):
                 entry[key] = {c: math.nan if v is None else v for c, v in entry.get(key, {}).items()}
         model["average"] = {k: math.nan if v is None else v for k, v in model.get("average", {}).items()}
+    for group in results.get("groups", []):
+        for stats in [*group["datasets"].values(), group["average"]]:
+            for stat in stats.values():
+                stat.update({k: math.nan for k in ("mean", "std") if stat.get(k) is None})
     return results
 
 
@@ -162,4 +285,6 @@ def merge_results(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if target_names(other) != names:
             raise ValueError(f"cannot merge results over different targets: {names} vs {target_names(other)}")
         merged["models"].extend(copy.deepcopy(list(other["models"])))
+        if other.get("groups"):
+            merged.setdefault("groups", []).extend(copy.deepcopy(list(other["groups"])))
     return merged

@@ -73,6 +73,12 @@ def load_segmentor(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return _load_segmentor(path)
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    from gkd.engine.checkpoint import read_metadata as _read_metadata
+
+    return _read_metadata(path)
+
+
 # --- Suite definition --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -264,16 +270,24 @@ def default_model_name(checkpoint: str | Path) -> str:
 def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | Suite, out_dir: str | Path, *,
              roots: Mapping[str, str] | None = None, save_predictions: bool = False, batch_size: int = 1,
              num_workers: int = 2, limit: int | None = None, accelerator: Any = None,
-             model_name: str | Sequence[str] | None = None) -> dict[str, Any]:
+             model_name: str | Sequence[str] | None = None, groups: Mapping[str, Sequence[str]] | None = None,
+             export_split: str | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint (or several: one report row each) on every target of `suite`.
 
+    Before any model is loaded, every checkpoint's protocol record is checked against the targets
+    (`gkd.eval.protocol.check_targets`: no target may be a split the run trained or selected on).
     Writes `metrics.json`, `results.md`, `results.csv` into `out_dir` (main process only) and,
     with `save_predictions`, palette masks and overlays under `out_dir/predictions/<target>/`
-    (each process writes its own images). Under `accelerate launch`, process r scores images
-    r, r+W, r+2W, … of each dataset and the confusion matrices are summed across processes.
+    (each process writes its own images). `groups` maps a group name to the model names of its
+    runs (seeds): the report adds mean ± std per target and for the average. `export_split`
+    (e.g. "test"): also write that split of every target dataset with a benchmark server
+    (Cityscapes, ACDC) in the server's format under `out_dir/submission/`.
+    Under `accelerate launch`, process r scores images r, r+W, r+2W, … of each dataset and the
+    confusion matrices are summed across processes.
     Returns the results dict written to metrics.json (NaN where a metric is undefined).
     """
-    from .report import write_report
+    from .protocol import check_targets
+    from .report import seed_groups, write_report
 
     suite = load_suite(suite)
     state = accelerator if accelerator is not None else _process_state()
@@ -291,10 +305,16 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
         raise ValueError(f"{len(checkpoints)} checkpoints but {len(names)} model names")
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique (they label the report rows): {names}; pass model_name")
+    for group, members in (groups or {}).items():
+        unknown = sorted(set(members) - set(names))
+        if unknown or not members:
+            raise ValueError(f"group {group!r} names runs that are not evaluated: {unknown or members}")
+    protocols = [check_targets(c, read_metadata(c), prepared) for c in checkpoints]  # before any model loads
+    submissions = _submission_targets(prepared, export_split) if export_split else []
 
     out_dir = Path(out_dir)
     models = []
-    for ckpt, name in zip(checkpoints, names):
+    for ckpt, name, protocol in zip(checkpoints, names, protocols):
         model, metadata = load_segmentor(ckpt)
         _check_classes(model, prepared, ckpt)
         model = model.to(state.device).eval()
@@ -308,14 +328,41 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
             datasets[pt.target.name] = dataset_entry(metric.compute(), pt, count)
             if state.is_main_process:
                 log.info("%s on %s: mIoU %.2f", name, pt.target.name, datasets[pt.target.name]["mIoU"])
-        models.append(model_entry(name, ckpt, metadata, datasets))
+        for pt in submissions:
+            from .submission import export_submission
+
+            sub_dir = out_dir / "submission" / (_slug(name) if len(checkpoints) > 1 else "")
+            export_submission(model, pt.manifest, export_split, pt.root, sub_dir, mode=suite.mode, resize=pt.resize,
+                              crop=suite.crop, stride=suite.stride, state=state, batch_size=batch_size,
+                              num_workers=num_workers, limit=limit)
+        models.append(model_entry(name, ckpt, metadata, datasets, protocol))
         del model
 
     results = {"format": RESULTS_FORMAT, "suite": suite.to_dict(), "models": models}
+    if groups:
+        results["groups"] = seed_groups(models, groups)
     if state.is_main_process:
         write_report(results, out_dir)
     state.wait_for_everyone()
     return results
+
+
+def _submission_targets(prepared: list[PreparedTarget], split: str) -> list[PreparedTarget]:
+    """One target per dataset that has a benchmark server (the first target of that manifest)."""
+    from .submission import SERVER_FORMATS
+
+    chosen: dict[str, PreparedTarget] = {}
+    for pt in prepared:
+        if pt.manifest.name in SERVER_FORMATS:
+            chosen.setdefault(pt.manifest.name, pt)
+    if not chosen:
+        raise ValueError(f"--export-submission: no target of this suite has a benchmark server format "
+                         f"(supported: {', '.join(SERVER_FORMATS)})")
+    for pt in chosen.values():
+        if split not in pt.manifest.splits:
+            raise ValueError(f"--export-submission: {pt.manifest.name} has no split {split!r}; "
+                             f"splits: {', '.join(pt.manifest.splits)}")
+    return list(chosen.values())
 
 
 def _process_state() -> Any:
@@ -409,7 +456,8 @@ def _same_size_groups(batch: list[dict]) -> list[list[dict]]:
 def dataset_entry(computed: Mapping[str, Any], pt: PreparedTarget, num_images: int) -> dict[str, Any]:
     """One target's metrics.json entry: summary numbers and per-class values keyed by class name."""
     return {
-        "manifest": pt.target.manifest, "split": pt.target.split, "root": str(pt.root),
+        "manifest": pt.target.manifest, "dataset": str(getattr(pt.manifest, "name", pt.target.manifest)),
+        "split": pt.target.split, "root": str(pt.root),
         "resize": list(pt.resize) if pt.resize else None, "num_images": num_images,
         "aAcc": computed["aAcc"], "mIoU": computed["mIoU"], "mAcc": computed["mAcc"],
         "IoU": dict(zip(pt.classes, computed["IoU"])), "Acc": dict(zip(pt.classes, computed["Acc"])),
@@ -417,12 +465,15 @@ def dataset_entry(computed: Mapping[str, Any], pt: PreparedTarget, num_images: i
 
 
 def model_entry(name: str, checkpoint: Any, metadata: Mapping[str, Any] | None,
-                datasets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """One report row: the model, its per-target metrics and the mean over targets ("Avg")."""
+                datasets: Mapping[str, Mapping[str, Any]], protocol: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One report row: the model, its per-target metrics and the mean over targets ("Avg"), the
+    protocol it was trained under (source, selection) and its seed."""
     metadata = dict(metadata or {})
     return {
         "name": name, "checkpoint": str(checkpoint),
         "spec": _jsonable(metadata.get("gkd_spec")),
+        "seed": (_jsonable(metadata.get("gkd_config")) or {}).get("seed"),
+        "protocol": _jsonable(dict(protocol or {})),
         "datasets": dict(datasets),
         "average": {key: _mean([d[key] for d in datasets.values()]) for key in ("mIoU", "mAcc", "aAcc")},
     }
