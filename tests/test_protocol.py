@@ -254,3 +254,29 @@ def test_three_seeds_report_mean_and_std(source, tmp_path):
     reset_accelerate()
     again = json.loads((tmp_path / "e2" / "metrics.json").read_text())["groups"][0]
     assert again["name"] == "mine" and again["average"] == group["average"]
+
+
+def test_distillation_images_of_a_target_are_refused(source, selected, tmp_path):
+    """Stage-2 shards written from a dataset split record it; an encoder distilled on a target's images
+    makes every segmentor built on it ineligible for that target."""
+    from gkd.config import DistillConfig
+    from gkd.engine.distill import distill_protocol
+
+    other = source["base"] / "other.yaml"
+    assert gkd_main(["data", "shard", str(source["base"] / "other"), str(tmp_path / "wds"), "--manifest", str(other),
+                     "--split", "val"]) == 0
+    cfg = load_config(DistillConfig, [], ["stage=2", f"data.train_shards={tmp_path / 'wds'}"])
+    record = distill_protocol(cfg)
+    assert record["stage"] == 2 and record["parent"] is None
+    assert [(r["manifest"], r["split"], r["num_images"], r["root"]) for r in record["images"]] == [
+        ("other", "val", 3, str((source["base"] / "other").resolve()))]
+
+    model, meta = load_segmentor(selected["path"])
+    protocol = {**meta["gkd_protocol"], "encoder": record}
+    from gkd.models import save_segmentor
+
+    ckpt = save_segmentor(tmp_path / "leaky" / "segmentor.safetensors", model, config=meta["gkd_config"],
+                          extra={"protocol": protocol})
+    suite = suite_file(tmp_path / "suite.yaml", [("Src test", source["manifest"], "test"), ("Other", other, "val")])
+    with pytest.raises(ProtocolError, match="'Other' .*is the stage-2 distillation split `val` of `other`"):
+        run_eval(ckpt, suite, tmp_path / "eval", num_workers=0)

@@ -62,6 +62,7 @@ class ShardIndex:
     num_skipped: int = 0
     skipped: list[str] = field(default_factory=list)
     num_converted: int = 0
+    source: dict = field(default_factory=dict)  # the dataset split the images are (manifest, split, root), if one
     root: str = ""  # folder holding the shards (not saved: it is wherever the index lies)
 
     @property
@@ -321,6 +322,7 @@ def write_shards(
     num_workers: int = 0,
     max_skipped_listed: int = 1000,
     files: Sequence[str | os.PathLike] | None = None,
+    source: dict | None = None,
 ) -> ShardIndex:
     """Write the images of ``src_dir`` into webdataset shards in ``out_dir``.
 
@@ -338,6 +340,8 @@ def write_shards(
             of a dataset split, ``gkd.data.segmentation.manifest_image_files``). They are
             unlabelled (``cls`` -1, layout ``files``); keys are their paths relative to
             ``src_dir`` (or their names when outside it), so ``src_dir`` should be their root.
+        source: what ``files`` are, recorded in the index (``gkd.eval.protocol.split_record``:
+            manifest, split, root), so that evaluation can refuse targets the images came from.
 
     Returns:
         the ``ShardIndex`` also written to ``{prefix}-index.json`` (``root`` = ``out_dir``).
@@ -383,7 +387,7 @@ def write_shards(
     index = ShardIndex(shards=sink.names, counts=sink.counts, classes=class_list, layout=layout,
                        prefix=prefix, seed=seed if shuffle else None, shuffled=shuffle,
                        num_skipped=len(skipped), skipped=skipped[:max_skipped_listed],
-                       num_converted=converted, root=str(out))
+                       num_converted=converted, source=dict(source or {}), root=str(out))
     _atomic_write_json(index_path(out, prefix), index.to_json())
     _warn_stale(out, prefix, sink.names)
     logger.info("wrote %d samples (%d classes, layout %s) into %d shards in %s; "

@@ -87,6 +87,7 @@ class ShardSet:
     counts: list[int] | None = None
     declared_samples: int | None = None
     classes: list[str] = field(default_factory=list)
+    sources: list[dict] = field(default_factory=list)  # dataset splits recorded by the indexes (ShardIndex.source)
 
     @property
     def num_samples(self) -> int | None:
@@ -114,7 +115,8 @@ def _from_index(path: str) -> ShardSet:
     index = ShardIndex.load(path)
     urls = index.shard_paths
     _check_exist(urls)
-    return ShardSet(urls=urls, counts=list(index.counts), classes=list(index.classes))
+    return ShardSet(urls=urls, counts=list(index.counts), classes=list(index.classes),
+                    sources=[index.source] if index.source else [])
 
 
 def _from_dir(path: str) -> ShardSet:
@@ -130,10 +132,13 @@ def _from_dir(path: str) -> ShardSet:
     return ShardSet(urls=urls)
 
 
-def _counts_from_neighbour_indexes(urls: Sequence[str]) -> tuple[list[int] | None, list[str]]:
-    """Per-shard counts from ``*-index.json`` files in the shards' folders, if they cover all."""
+def _counts_from_neighbour_indexes(urls: Sequence[str]) -> tuple[list[int] | None, list[str], list[dict]]:
+    """Per-shard counts, classes and dataset sources from ``*-index.json`` files in the shards' folders
+    (counts only if they cover all shards)."""
     known: dict[str, int] = {}
     classes: list[str] = []
+    sources: list[dict] = []
+    wanted = {os.path.abspath(_local_path(u)) for u in urls}
     for folder in sorted({os.path.dirname(os.path.abspath(_local_path(u))) for u in urls if _is_local(u)}):
         for ipath in sorted(glob.glob(os.path.join(folder, "*-index.json"))):
             try:
@@ -142,8 +147,10 @@ def _counts_from_neighbour_indexes(urls: Sequence[str]) -> tuple[list[int] | Non
                 continue
             classes = classes or list(index.classes)
             known.update({os.path.abspath(p): c for p, c in zip(index.shard_paths, index.counts)})
+            if index.source and wanted & {os.path.abspath(p) for p in index.shard_paths}:
+                sources.append(index.source)
     counts = [known.get(os.path.abspath(_local_path(u))) for u in urls]
-    return (None, []) if any(c is None for c in counts) else (counts, classes)
+    return (None, [], sources) if any(c is None for c in counts) else (counts, classes, sources)
 
 
 def count_tar_samples(url: str) -> int:
@@ -181,7 +188,7 @@ def resolve_shards(spec: ShardSpec, num_samples: int | None = None) -> ShardSet:
         raise ValueError(f"shard spec {spec!r} names no shards")
     _check_exist(shard_set.urls)
     if shard_set.counts is None:
-        shard_set.counts, shard_set.classes = _counts_from_neighbour_indexes(shard_set.urls)
+        shard_set.counts, shard_set.classes, shard_set.sources = _counts_from_neighbour_indexes(shard_set.urls)
     if num_samples is not None:
         shard_set.declared_samples = int(num_samples)
     elif shard_set.counts is None:

@@ -129,7 +129,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
         student = accelerator.unwrap_model(model).student
         save_handoff(encoder_path, student, student.spec, stage=cfg.stage, config=to_container(cfg), parent=cfg.init,
                      extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)},
-                            **compute_metadata(compute, cfg.init)})
+                            **compute_metadata(compute, cfg.init), "protocol": distill_protocol(cfg)})
         log.info("wrote %s", encoder_path)
     model = optimizer = batches = None  # noqa: F841  (see Trainer.close)
     trainer.close()
@@ -148,6 +148,15 @@ def _fast_paths(cfg: DistillConfig, student: nn.Module) -> bool:
     if cfg.engine.compile:
         student.compile()
     return channels_last
+
+
+def distill_protocol(cfg: DistillConfig) -> dict[str, Any]:
+    """The images this encoder's lineage distilled on, as far as the shard indexes record their dataset
+    split (`gkd data shard --manifest`), for `gkd eval`'s check that no target was among them."""
+    from gkd.data.wds import resolve_shards
+
+    parent = read_metadata(cfg.init).get("gkd_protocol") if cfg.init else None
+    return {"stage": cfg.stage, "images": resolve_shards(cfg.data.train_shards).sources, "parent": parent}
 
 
 def build_stage_teacher(cfg: DistillConfig) -> nn.Module:

@@ -200,7 +200,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
         selector.evaluate(segmentor, accelerator, trainer.step_index, snapshot)
     compute = trainer.finish()
     selector.restore_best(snapshot)
-    protocol = selector.record()
+    protocol = {**selector.record(), "encoder": read_metadata(cfg.encoder).get("gkd_protocol")}
     if kd_method:  # the teacher segmentor's own source data is part of this run's lineage
         protocol["teacher"] = read_metadata(cfg.teacher).get("gkd_protocol")
     trainer.metrics.write({"event": "selection", **protocol["selection"]})

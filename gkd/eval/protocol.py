@@ -2,7 +2,9 @@
 
 Stage 3 records in the segmentor's header (`gkd_protocol`) the source split it trained on and,
 with `select.rule=best`, the source split it selected the checkpoint on (dataset roots resolved to
-absolute paths at training time). A task-level run also carries its teacher segmentor's record.
+absolute paths at training time). It carries its encoder's record (stages 1-2: the dataset splits
+their shards were written from by `gkd data shard --manifest`, and the parent encoder's record) and,
+for task-level runs, its teacher segmentor's.
 
 `check_targets` is what `gkd eval` runs before any model is loaded: a target that is a split the
 run trained or selected on (same manifest and split name), or that shares image files with one
@@ -29,8 +31,9 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class SplitUse:
-    """A split a run read before evaluation: `role` is training | selection (prefixed `teacher ` for the
-    teacher segmentor of a task-level run); `root` is the absolute dataset root, or None if unknown."""
+    """A split a run read before evaluation: `role` is training | selection | stage-N distillation
+    (prefixed `teacher ` for the teacher segmentor of a task-level run); `root` is the absolute dataset
+    root, or None if unknown."""
 
     role: str
     manifest: str  # the manifest's name
@@ -80,15 +83,19 @@ def split_uses(metadata: Mapping[str, Any]) -> list[SplitUse]:
 
 
 def _uses_from_protocol(protocol: Mapping[str, Any], prefix: str) -> list[SplitUse]:
+    """Stage 3: `source`, `selection`, `teacher` (its segmentor's record), `encoder` (the encoder's);
+    stages 1-2: `images` (the shards' dataset splits) and `parent` (the parent encoder's record)."""
+    records = [("training", protocol.get("source")), ("selection", protocol.get("selection"))]
+    if "images" in protocol:
+        records += [(f"stage-{protocol.get('stage', '?')} distillation", r) for r in protocol["images"] or []]
     uses = []
-    for role, key in (("training", "source"), ("selection", "selection")):
-        rec = protocol.get(key)
+    for role, rec in records:
         if isinstance(rec, Mapping) and rec.get("split"):
             ref = rec.get("manifest_file") or rec["manifest"]
             uses.append(SplitUse(prefix + role, rec["manifest"], rec["split"], rec.get("root"), ref))
-    teacher = protocol.get("teacher")
-    if isinstance(teacher, Mapping):
-        uses += _uses_from_protocol(teacher, "teacher ")
+    for key, deeper in (("teacher", "teacher "), ("encoder", prefix), ("parent", prefix)):
+        if isinstance(protocol.get(key), Mapping):
+            uses += _uses_from_protocol(protocol[key], deeper)
     return uses
 
 
