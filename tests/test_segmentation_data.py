@@ -82,8 +82,8 @@ def test_resolve_root(tmp_path, monkeypatch):
 
 def test_unknown_split_and_missing_folder(tmp_path):
     cityscapes_tree(tmp_path, "val", "lindau", "000000_000019", GOOD)
-    with pytest.raises(KeyError, match="train, val"):
-        build_dataset("cityscapes", "test", root=tmp_path)
+    with pytest.raises(KeyError, match="train, val, test"):
+        build_dataset("cityscapes", "trainextra", root=tmp_path)
     with pytest.raises(FileNotFoundError, match="leftImg8bit/train"):
         build_dataset("cityscapes", "train", root=tmp_path)
 

@@ -172,6 +172,12 @@ def protocol_lines(results: Mapping[str, Any]) -> list[str]:
             for m in results["models"] for p in [m.get("protocol") or {}]]
     lines += ["", *md_table(["Model", "Seed", "Source (training)", "Model selection", "Checked against the targets"],
                             rows, left=5), ""]
+    exports = [(m["name"], e) for m in results["models"] for e in m.get("submissions", [])]
+    if exports:
+        lines += ["Test-server exports (same inference; upload the zip):", ""]
+        lines += [f"- {name}: `{e['manifest']}` split `{e['split']}`, {sum(e['counts'].values())} of {e['num_images']} "
+                  f"images{'' if e.get('complete') else ' (INCOMPLETE: see its report)'} → `{e['zips'].get('all')}`"
+                  for name, e in exports] + [""]
     return lines
 
 

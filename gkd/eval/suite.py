@@ -328,14 +328,17 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
             datasets[pt.target.name] = dataset_entry(metric.compute(), pt, count)
             if state.is_main_process:
                 log.info("%s on %s: mIoU %.2f", name, pt.target.name, datasets[pt.target.name]["mIoU"])
+        exports = []
         for pt in submissions:
             from .submission import export_submission
 
             sub_dir = out_dir / "submission" / (_slug(name) if len(checkpoints) > 1 else "")
-            export_submission(model, pt.manifest, export_split, pt.root, sub_dir, mode=suite.mode, resize=pt.resize,
-                              crop=suite.crop, stride=suite.stride, state=state, batch_size=batch_size,
-                              num_workers=num_workers, limit=limit)
+            exports.append(export_submission(
+                model, pt.manifest, export_split, pt.root, sub_dir, mode=suite.mode, resize=pt.resize, crop=suite.crop,
+                stride=suite.stride, state=state, batch_size=batch_size, num_workers=num_workers, limit=limit).to_dict())
         models.append(model_entry(name, ckpt, metadata, datasets, protocol))
+        if exports:
+            models[-1]["submissions"] = exports
         del model
 
     results = {"format": RESULTS_FORMAT, "suite": suite.to_dict(), "models": models}
