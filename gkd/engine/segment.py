@@ -8,6 +8,9 @@ Task-level distillation (``method.name`` = a task-level method of ``gkd.distill.
 exception: the student encoder trains with the decoder, on the segmentation loss plus the method's
 loss against a frozen *teacher segmentor* (``teacher=``: stage 3 run on the frozen teacher encoder),
 whose forward is part of every step (and of its counted FLOPs).
+
+Model selection reads the source domain only (`select.rule=last|best`, see gkd.engine.selection);
+the header records the protocol (`gkd_protocol`) that `gkd eval` checks its targets against.
 """
 from __future__ import annotations
 
