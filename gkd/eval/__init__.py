@@ -1,4 +1,5 @@
-"""Evaluation: `SegMetric`, sliding-window inference, domain-generalization suites and their report.
+"""Evaluation: `SegMetric`, sliding-window inference, domain-generalization suites, their report, the
+protocol check and test-server exports.
 
 Names are imported lazily (PEP 562) so that ``import gkd.eval`` stays cheap for the CLI.
 """
@@ -30,6 +31,15 @@ _EXPORTS = {
     "read_results": "report",
     "merge_results": "report",
     "main_table": "report",
+    "seed_groups": "report",
+    "mean_std": "report",
+    # gkd.eval.protocol
+    "ProtocolError": "protocol",
+    "check_targets": "protocol",
+    "split_uses": "protocol",
+    # gkd.eval.submission
+    "export_submission": "submission",
+    "SERVER_FORMATS": "submission",
     # gkd.eval.visualize
     "save_prediction": "visualize",
     "colorize": "visualize",
