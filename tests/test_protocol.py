@@ -182,7 +182,7 @@ def test_eval_refuses_targets_the_run_used_and_states_the_protocol(source, selec
     assert "  - Other: `other` split `val`, 3 images, original size" in md
     assert (f"| s3 | 0 | `src` split `train`, 12 images | best mIoU on `src` split `val`, every 2 steps: step "
             f"{sel['step']} ({sel['score']:.1f}) | files: training split `train` of `src`; selection split `val` of "
-            f"`src` |") in md
+            f"`src` / the encoder's distillation data: not recorded in its file |") in md
 
 
 def test_a_moved_dataset_is_still_refused_by_name(source, selected, tmp_path):
