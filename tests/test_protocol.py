@@ -182,7 +182,7 @@ def test_eval_refuses_targets_the_run_used_and_states_the_protocol(source, selec
     assert "  - Other: `other` split `val`, 3 images, original size" in md
     assert (f"| s3 | 0 | `src` split `train`, 12 images | best mIoU on `src` split `val`, every 2 steps: step "
             f"{sel['step']} ({sel['score']:.1f}) | files: training split `train` of `src`; selection split `val` of "
-            f"`src` / the encoder's distillation data: not recorded in its file |") in md
+            f"`src` / not recorded, so not checked: encoder's distillation data (not in its file) |") in md
 
 
 def test_a_moved_dataset_is_still_refused_by_name(source, selected, tmp_path):
@@ -280,3 +280,12 @@ def test_distillation_images_of_a_target_are_refused(source, selected, tmp_path)
     suite = suite_file(tmp_path / "suite.yaml", [("Src test", source["manifest"], "test"), ("Other", other, "val")])
     with pytest.raises(ProtocolError, match="'Other' .*is the stage-2 distillation split `val` of `other`"):
         run_eval(ckpt, suite, tmp_path / "eval", num_workers=0)
+    # shards without a dataset record: nothing to check, and the report says so
+    unrecorded = {**protocol, "encoder": {**record, "images": [], "parent": {"stage": 1, "images": [], "parent": None}}}
+    ckpt = save_segmentor(tmp_path / "blind" / "segmentor.safetensors", model, config=meta["gkd_config"],
+                          extra={"protocol": unrecorded})
+    results = run_eval(ckpt, suite, tmp_path / "eval", num_workers=0)
+    reset_accelerate()
+    assert results["models"][0]["protocol"]["unrecorded"] == [
+        "stage-2 distillation images (shards without a dataset record)",
+        "stage-1 distillation images (shards without a dataset record)"]

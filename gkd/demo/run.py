@@ -349,8 +349,13 @@ def run_demo(out_dir: str | Path = "runs/demo", teacher: str | None = None, seed
                   f"targets {', '.join(synth.TARGETS)} × {sz.target}, unlabelled pool {sz.pool}")
     bench = synth.write_benchmark(out / "data", seed=seed, sizes=sz, progress=True)
     pool_index = write_shards(bench.pool_dir, out / "shards", shard_size=plan.shard_size, prefix="pool", seed=seed)
+    from gkd.data import load_manifest
+    from gkd.eval.protocol import split_record
+
+    train_files = bench.image_files("train")
     source_index = write_shards(bench.root, out / "shards", shard_size=plan.shard_size, prefix="source", seed=seed,
-                                files=bench.image_files("train"))
+                                files=train_files,  # recorded, so the evaluation can check no target is among them
+                                source=split_record(load_manifest(bench.manifest), "train", bench.root, len(train_files)))
     timings["data"] = time.perf_counter() - t0
 
     # ---- stages 1 and 2 ------------------------------------------------------------------------

@@ -137,7 +137,21 @@ def check_targets(checkpoint: str | Path, metadata: Mapping[str, Any], prepared:
     protocol = dict(metadata.get("gkd_protocol") or {})
     if not protocol and uses:
         protocol = {"source": {"manifest": uses[0].manifest, "split": uses[0].split, "root": uses[0].root}}
-    return {**protocol, "checked_by_files": by_file, "checked_by_name_only": by_name, "known": bool(uses)}
+    return {**protocol, "checked_by_files": by_file, "checked_by_name_only": by_name, "known": bool(uses),
+            "unrecorded": _unrecorded(protocol, "")}
+
+
+def _unrecorded(protocol: Mapping[str, Any], prefix: str) -> list[str]:
+    """Data the lineage read that no record names (so no check could cover it), for the report."""
+    out = []
+    if "encoder" in protocol and not protocol["encoder"]:
+        out.append(f"{prefix}encoder's distillation data (not in its file)")
+    if "images" in protocol and not protocol["images"]:
+        out.append(f"{prefix}stage-{protocol.get('stage', '?')} distillation images (shards without a dataset record)")
+    for key, deeper in (("teacher", "teacher's "), ("encoder", prefix), ("parent", prefix)):
+        if isinstance(protocol.get(key), Mapping):
+            out += _unrecorded(protocol[key], deeper)
+    return out
 
 
 def _use_files(use: SplitUse) -> set[str] | None:

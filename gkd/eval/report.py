@@ -211,8 +211,8 @@ def _checked_text(p: Mapping[str, Any]) -> str:
         parts.append("files: " + "; ".join(p["checked_by_files"]))
     if p.get("checked_by_name_only"):
         parts.append("names only (data not on this machine): " + "; ".join(p["checked_by_name_only"]))
-    if "encoder" in p and not p["encoder"]:
-        parts.append("the encoder's distillation data: not recorded in its file")
+    if p.get("unrecorded"):
+        parts.append("not recorded, so not checked: " + "; ".join(p["unrecorded"]))
     return " / ".join(parts) or "nothing recorded to check"
 
 

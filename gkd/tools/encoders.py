@@ -28,6 +28,10 @@ from gkd.models import build_student, build_student_from_spec, build_teacher
 __all__ = ["write_teacher_encoder", "write_student_encoder", "write_baseline_encoder"]
 
 
+# The protocol record of a stage-0 file (gkd.eval.protocol): gkd trained it on no data at all.
+STAGE0_PROTOCOL = {"stage": 0, "trained_by_gkd": False}
+
+
 def write_teacher_encoder(out: str | Path, name: str, checkpoint: str | None = None, img_size: int = 512,
                           patch_size: int | None = None, pretrained: bool = False, random_init: bool = False,
                           **kw: Any) -> Path:
@@ -54,7 +58,7 @@ def write_teacher_encoder(out: str | Path, name: str, checkpoint: str | None = N
     return save_handoff(out, student, student.spec, stage=0,
                         config={"teacher_encoder": {k: spec[k] for k in ("name", "checkpoint", "pretrained")}},
                         extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)},
-                               "teacher": spec})
+                               "teacher": spec, "protocol": STAGE0_PROTOCOL})
 
 
 def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch_size: int | None = None,
@@ -83,4 +87,5 @@ def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0
 
 def _save_plain(out: str | Path, student: torch.nn.Module, config: dict[str, Any], input_norm: dict) -> Path:
     """A stage-0 encoder file: no distillation stage wrote it, so no compute record and no parent."""
-    return save_handoff(out, student, student.spec, stage=0, config=config, extra={"input_norm": input_norm})
+    return save_handoff(out, student, student.spec, stage=0, config=config,
+                        extra={"input_norm": input_norm, "protocol": STAGE0_PROTOCOL})
