@@ -15,7 +15,8 @@ A suite file (shipped ones live in `configs/suites/`; any path works the same wa
         resize: [1024, 512]       # optional keep-ratio resize; absent: the manifest's test_resize;
                                   # null: score at the original size
 
-`run_eval` checks every dataset root before it loads a model, so a missing dataset costs nothing.
+`run_eval` checks every dataset root, and every checkpoint's protocol record against the targets
+(`gkd.eval.protocol`), before it loads a model, so a missing dataset or a leaking target costs nothing.
 """
 from __future__ import annotations
 
@@ -288,6 +289,7 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     """
     from .protocol import check_targets
     from .report import seed_groups, write_report
+    from .submission import export_submission
 
     suite = load_suite(suite)
     state = accelerator if accelerator is not None else _process_state()
@@ -330,8 +332,6 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
                 log.info("%s on %s: mIoU %.2f", name, pt.target.name, datasets[pt.target.name]["mIoU"])
         exports = []
         for pt in submissions:
-            from .submission import export_submission
-
             sub_dir = out_dir / "submission" / (_slug(name) if len(checkpoints) > 1 else "")
             exports.append(export_submission(
                 model, pt.manifest, export_split, pt.root, sub_dir, mode=suite.mode, resize=pt.resize, crop=suite.crop,
