@@ -260,13 +260,14 @@ def test_distillation_images_of_a_target_are_refused(source, selected, tmp_path)
     """Stage-2 shards written from a dataset split record it; an encoder distilled on a target's images
     makes every segmentor built on it ineligible for that target."""
     from gkd.config import DistillConfig
+    from gkd.data.wds import resolve_shards
     from gkd.engine.distill import distill_protocol
 
     other = source["base"] / "other.yaml"
     assert gkd_main(["data", "shard", str(source["base"] / "other"), str(tmp_path / "wds"), "--manifest", str(other),
                      "--split", "val"]) == 0
     cfg = load_config(DistillConfig, [], ["stage=2", f"data.train_shards={tmp_path / 'wds'}"])
-    record = distill_protocol(cfg)
+    record = distill_protocol(cfg, resolve_shards(cfg.data.train_shards).sources)
     assert record["stage"] == 2 and record["parent"] is None
     assert [(r["manifest"], r["split"], r["num_images"], r["root"]) for r in record["images"]] == [
         ("other", "val", 3, str((source["base"] / "other").resolve()))]

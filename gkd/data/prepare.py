@@ -257,12 +257,13 @@ def read_index_label(path: Path) -> np.ndarray:
 
 
 def header_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image from its header; `_Skip` when unreadable."""
+    """(width, height) of an image from its header (`segmentation.image_size`); `_Skip` when unreadable."""
+    from gkd.data.segmentation import BadSampleError, image_size
+
     try:
-        with Image.open(path) as im:
-            return im.size
-    except _READ_ERRORS as exc:
-        raise _Skip(path, f"unreadable image: {type(exc).__name__}: {exc}") from exc
+        return image_size(path)
+    except BadSampleError as exc:
+        raise _Skip(path, f"unreadable image: {exc.problems[0].detail}") from exc
 
 
 def walk(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:

@@ -62,7 +62,7 @@ class ShardIndex:
     num_skipped: int = 0
     skipped: list[str] = field(default_factory=list)
     num_converted: int = 0
-    source: dict = field(default_factory=dict)  # the dataset split the images are (manifest, split, root), if one
+    sources: list = field(default_factory=list)  # the dataset splits the images come from (manifest, split, root)
     root: str = ""  # folder holding the shards (not saved: it is wherever the index lies)
 
     @property
@@ -387,7 +387,7 @@ def write_shards(
     index = ShardIndex(shards=sink.names, counts=sink.counts, classes=class_list, layout=layout,
                        prefix=prefix, seed=seed if shuffle else None, shuffled=shuffle,
                        num_skipped=len(skipped), skipped=skipped[:max_skipped_listed],
-                       num_converted=converted, source=dict(source or {}), root=str(out))
+                       num_converted=converted, sources=[dict(source)] if source else [], root=str(out))
     _atomic_write_json(index_path(out, prefix), index.to_json())
     _warn_stale(out, prefix, sink.names)
     logger.info("wrote %d samples (%d classes, layout %s) into %d shards in %s; "

@@ -131,7 +131,7 @@ def write_teacher_cache(shards: str, out_dir: str | Path, teacher: torch.nn.Modu
                     flush(sink)
         flush(sink)
     index = ShardIndex(shards=list(counts), counts=list(counts.values()), classes=list(shard_set.classes), prefix="cache", seed=seed,
-                       shuffled=False, num_skipped=len(skipped), skipped=skipped[:100])
+                       shuffled=False, sources=list(shard_set.sources), num_skipped=len(skipped), skipped=skipped[:100])
     (out / CACHE_INDEX).write_text(json.dumps(index.to_json(), indent=2))
     spec = getattr(teacher, "spec", {})
     (out / CACHE_META).write_text(json.dumps({"views": views, "seed": seed, "num_images": sum(counts.values()),

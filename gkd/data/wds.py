@@ -87,7 +87,7 @@ class ShardSet:
     counts: list[int] | None = None
     declared_samples: int | None = None
     classes: list[str] = field(default_factory=list)
-    sources: list[dict] = field(default_factory=list)  # dataset splits recorded by the indexes (ShardIndex.source)
+    sources: list[dict] = field(default_factory=list)  # dataset splits recorded by the indexes (ShardIndex.sources)
 
     @property
     def num_samples(self) -> int | None:
@@ -116,7 +116,7 @@ def _from_index(path: str) -> ShardSet:
     urls = index.shard_paths
     _check_exist(urls)
     return ShardSet(urls=urls, counts=list(index.counts), classes=list(index.classes),
-                    sources=[index.source] if index.source else [])
+                    sources=list(index.sources))
 
 
 def _from_dir(path: str) -> ShardSet:
@@ -147,8 +147,8 @@ def _counts_from_neighbour_indexes(urls: Sequence[str]) -> tuple[list[int] | Non
                 continue
             classes = classes or list(index.classes)
             known.update({os.path.abspath(p): c for p, c in zip(index.shard_paths, index.counts)})
-            if index.source and wanted & {os.path.abspath(p) for p in index.shard_paths}:
-                sources.append(index.source)
+            if wanted & {os.path.abspath(p) for p in index.shard_paths}:
+                sources += [s for s in index.sources if s not in sources]
     counts = [known.get(os.path.abspath(_local_path(u))) for u in urls]
     return (None, [], sources) if any(c is None for c in counts) else (counts, classes, sources)
 

@@ -17,7 +17,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from gkd.config import DistillConfig, to_container
-from gkd.data import build_shard_loader, build_train_transform, count_samples
+from gkd.data import build_shard_loader, build_train_transform
+from gkd.data.wds import resolve_shards
 from gkd.distill import build_objective
 from gkd.engine.checkpoint import read_metadata, save_handoff
 from gkd.engine.compute import Budget, compute_metadata
@@ -68,7 +69,10 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher.to(accelerator.device)  # frozen, never wrapped by DDP
 
-    num_samples = cfg.data.num_samples or count_samples(cache or cfg.data.train_shards)
+    # One resolution of the training shards (or the cache made from them): their sample count and the
+    # dataset splits their indexes record (this encoder's protocol record).
+    shard_set = resolve_shards(cache or cfg.data.train_shards, num_samples=cfg.data.num_samples)
+    num_samples = shard_set.num_samples
     steps_per_epoch = num_samples // cfg.data.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{num_samples} training samples are fewer than one global batch ({cfg.data.batch_size})")
@@ -129,7 +133,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
         student = accelerator.unwrap_model(model).student
         save_handoff(encoder_path, student, student.spec, stage=cfg.stage, config=to_container(cfg), parent=cfg.init,
                      extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)},
-                            **compute_metadata(compute, cfg.init), "protocol": distill_protocol(cfg)})
+                            **compute_metadata(compute, cfg.init),
+                            "protocol": distill_protocol(cfg, shard_set.sources)})
         log.info("wrote %s", encoder_path)
     model = optimizer = batches = None  # noqa: F841  (see Trainer.close)
     trainer.close()
@@ -150,13 +155,12 @@ def _fast_paths(cfg: DistillConfig, student: nn.Module) -> bool:
     return channels_last
 
 
-def distill_protocol(cfg: DistillConfig) -> dict[str, Any]:
-    """The images this encoder's lineage distilled on, as far as the shard indexes record their dataset
-    split (`gkd data shard --manifest`), for `gkd eval`'s check that no target was among them."""
-    from gkd.data.wds import resolve_shards
-
+def distill_protocol(cfg: DistillConfig, sources: list[dict]) -> dict[str, Any]:
+    """This encoder's protocol record: the dataset splits its shards' indexes record (`gkd data shard
+    --manifest`; a teacher cache carries its shards' record) and the parent encoder's record, for
+    `gkd eval`'s check that no target was among them."""
     parent = read_metadata(cfg.init).get("gkd_protocol") if cfg.init else None
-    return {"stage": cfg.stage, "images": resolve_shards(cfg.data.train_shards).sources, "parent": parent}
+    return {"stage": cfg.stage, "images": sources, "parent": parent}
 
 
 def build_stage_teacher(cfg: DistillConfig) -> nn.Module:

@@ -108,26 +108,34 @@ def _manifest_name(ref: str) -> str:
         return str(ref)
 
 
-def check_targets(checkpoint: str | Path, metadata: Mapping[str, Any], prepared: Sequence[Any]) -> dict[str, Any]:
+def check_targets(checkpoint: str | Path, metadata: Mapping[str, Any], prepared: Sequence[Any],
+                  listed: dict[Any, Any] | None = None) -> dict[str, Any]:
     """Refuse targets the run trained or selected on; return the protocol entry of the report.
 
     `prepared`: `gkd.eval.suite.PreparedTarget`s (target, manifest, dataset with `.samples`).
+    `listed`: a dict shared by the calls of one evaluation, so that runs of one setup (seeds) list
+    each split's files once.
     Raises ProtocolError listing every violation (target, the use it collides with, shared files).
     """
+    listed = {} if listed is None else listed
+    for pt in prepared:
+        if ("target", pt.target.name) not in listed:
+            listed["target", pt.target.name] = {os.path.realpath(img) for img, _ in getattr(pt.dataset, "samples", ())}
     uses = split_uses(metadata)
-    targets = {pt.target.name: {os.path.realpath(img) for img, _ in getattr(pt.dataset, "samples", ())}
-               for pt in prepared}
     problems: list[str] = []
     by_file, by_name = [], []
     for use in uses:
-        files = _use_files(use)
+        key = ("use", use.manifest_ref, use.split, use.root)
+        if key not in listed:
+            listed[key] = _use_files(use)
+        files = listed[key]
         (by_file if files is not None else by_name).append(use.describe())
         for pt in prepared:
             what = f"target {pt.target.name!r} (split `{pt.target.split}` of `{pt.manifest.name}`)"
             if pt.manifest.name == use.manifest and pt.target.split == use.split:
                 problems.append(f"{what} is the {use.describe()} of {checkpoint}")
             elif files is not None:
-                common = sorted(files & targets[pt.target.name])
+                common = sorted(files & listed["target", pt.target.name])
                 if common:
                     problems.append(overlap_message(f"{what} shares images with the {use.describe()} of {checkpoint}",
                                                     common))

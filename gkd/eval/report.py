@@ -221,10 +221,11 @@ def to_csv(results: Mapping[str, Any]) -> str:
     `<group> mean` and a `<group> std` row."""
     header, rows = main_table(results, missing="")
     names = target_names(results)
+    with_avg = len(names) > 1  # as main_table
     for g in results.get("groups", []):
         for key in ("mean", "std"):
             row = [f"{g['name']} {key}"] + [fmt(g["datasets"][n]["mIoU"][key], missing="") for n in names]
-            rows.append(row + ([fmt(g["average"]["mIoU"][key], missing="")] if len(header) > len(row) else []))
+            rows.append(row + ([fmt(g["average"]["mIoU"][key], missing="")] if with_avg else []))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)

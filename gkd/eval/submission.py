@@ -82,7 +82,7 @@ from gkd.data.manifest import Manifest, load_manifest
 from gkd.data.segmentation import BadSampleError, manifest_image_files, read_image, resolve_root
 
 from .inference import predict
-from .suite import FROM_MANIFEST, _manifest_resize
+from .suite import FROM_MANIFEST, _collate_list, _manifest_resize, same_size_runs
 
 log = logging.getLogger(__name__)
 
@@ -318,21 +318,6 @@ class _ImageFiles(Dataset):
             return {"index": i, "path": self.paths[i], "error": str(e)}
 
 
-def _collate_list(batch: list[dict]) -> list[dict]:
-    return batch
-
-
-def _same_size_runs(samples: list[dict]) -> list[list[dict]]:
-    """Consecutive samples of equal image size, so that they stack into one batch."""
-    runs: list[list[dict]] = []
-    for s in samples:
-        if runs and runs[-1][0]["image"].shape == s["image"].shape:
-            runs[-1].append(s)
-        else:
-            runs.append([s])
-    return runs
-
-
 def _save_png(ids: np.ndarray, path: Path) -> None:
     """Single-channel 8-bit PNG, written to a temporary name first so no half file is ever zipped."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,7 +355,7 @@ def _predict_share(model: Any, entries: list[Entry], indices: list[int], folder:
             if "error" in s:
                 log.warning("skipped unreadable test image %s: %s", s["path"], s["error"])
                 share.skipped.append({"path": s["path"], "reason": s["error"]})
-        for run in _same_size_runs([s for s in batch if "error" not in s]):
+        for run in same_size_runs([s for s in batch if "error" not in s]):
             images = torch.stack([s["image"] for s in run]).to(state.device)
             with autocast():  # the accelerator's mixed precision, as in the evaluation suite
                 scores = predict(model, images.float(), mode=mode, resize=resize, crop=crop, stride=stride,

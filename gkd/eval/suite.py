@@ -311,7 +311,8 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
         unknown = sorted(set(members) - set(names))
         if unknown or not members:
             raise ValueError(f"group {group!r} names runs that are not evaluated: {unknown or members}")
-    protocols = [check_targets(c, read_metadata(c), prepared) for c in checkpoints]  # before any model loads
+    listed: dict = {}  # split file listings, shared by the checkpoints
+    protocols = [check_targets(c, read_metadata(c), prepared, listed) for c in checkpoints]  # before any model loads
     submissions = _submission_targets(prepared, export_split) if export_split else []
 
     out_dir = Path(out_dir)
@@ -441,19 +442,25 @@ def evaluate_target(model: Any, pt: PreparedTarget, suite: Suite, state: Any, *,
     return metric, total
 
 
+def same_size_runs(samples: list[dict]) -> list[list[dict]]:
+    """Runs of consecutive samples whose images have the same size (so they stack into one batch)."""
+    runs: list[list[dict]] = []
+    for sample in samples:
+        if runs and runs[-1][0]["image"].shape == sample["image"].shape:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return runs
+
+
 def _same_size_groups(batch: list[dict]) -> list[list[dict]]:
-    """Split a batch into runs of consecutive samples with the same image size (so they stack)."""
-    groups: list[list[dict]] = []
+    """`same_size_runs` of labelled samples; an image whose label differs in size is an error."""
     for sample in batch:
         image, label = sample["image"], sample["label"]
         if tuple(image.shape[-2:]) != tuple(label.shape[-2:]):
             raise ValueError(f"{sample.get('path')}: image size {tuple(image.shape[-2:])} != label size "
                              f"{tuple(label.shape[-2:])}")
-        if groups and groups[-1][0]["image"].shape == image.shape:
-            groups[-1].append(sample)
-        else:
-            groups.append([sample])
-    return groups
+    return same_size_runs(batch)
 
 
 def dataset_entry(computed: Mapping[str, Any], pt: PreparedTarget, num_images: int) -> dict[str, Any]:
