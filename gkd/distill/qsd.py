@@ -41,6 +41,11 @@ class QSD(nn.Module):
             authors' reshape does); each group attends on its own, still with no
             scaling, and the group outputs are concatenated back to Ct channels.
 
+        query_init_scale: multiplies the initial weights and bias of the query projection. 1.0
+            (default) is PyTorch's init, as the authors'. With raw dot products over Ct channels the
+            initial attention logits have a std of tens, so the softmax starts saturated on arbitrary
+            teacher positions and learns where to look only slowly (``gkd.distill.diagnostics``
+            measures it); a scale near 1/√Ct starts it soft. The formula is unchanged.
         fused: compute the attention with ``F.scaled_dot_product_attention`` (scale 1). None
             (default): on CUDA only — fused kernels are faster there, while on CPU torch's
             fused kernel was slower than two matrix products for the paper's shapes (N = 256,
@@ -50,7 +55,8 @@ class QSD(nn.Module):
     tensor that requires grad is still safe to pass.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, num_heads: int = 1, fused: bool | None = None) -> None:
+    def __init__(self, student_dim: int, teacher_dim: int, num_heads: int = 1, fused: bool | None = None,
+                 query_init_scale: float = 1.0) -> None:
         super().__init__()
         if num_heads < 1 or teacher_dim % num_heads != 0:
             raise ValueError(
@@ -62,6 +68,12 @@ class QSD(nn.Module):
         self.fused = fused
         self.proj_q = _projection(student_dim, teacher_dim)
         self.proj_v = _projection(student_dim, teacher_dim)
+        if query_init_scale != 1.0:
+            if query_init_scale <= 0:
+                raise ValueError(f"query_init_scale must be > 0, got {query_init_scale}")
+            with torch.no_grad():
+                self.proj_q[1].weight.mul_(query_init_scale)
+                self.proj_q[1].bias.mul_(query_init_scale)
 
     def forward(self, student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
         """student_tokens [B, N, Cs], teacher_tokens [B, N, Ct] → [B, N, Ct]."""
@@ -92,6 +104,15 @@ class QSD(nn.Module):
             attn = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(dim=-1)  # over teacher positions
             out = torch.einsum("bhqk,bhkd->bhqd", attn, v)
         return rearrange(out, "b h n d -> b n (h d)")
+
+    @torch.no_grad()
+    def attention(self, student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
+        """The attention weights of ``forward``: [B, h, N, N] (rows: student positions, columns: teacher
+        positions; each row sums to 1). For diagnostics: ``forward`` does not materialise them on GPU."""
+        h = self.num_heads
+        q = rearrange(self.proj_q(student_tokens), "b n (h d) -> b h n d", h=h)
+        k = rearrange(teacher_tokens.detach().to(q.dtype), "b n (h d) -> b h n d", h=h)
+        return torch.einsum("bhqd,bhkd->bhqk", q, k).float().softmax(dim=-1)
 
     def extra_repr(self) -> str:
         return f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, num_heads={self.num_heads}"

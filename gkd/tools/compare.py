@@ -12,6 +12,8 @@ Rows of a plan (``methods``):
 
 * ``teacher``: stage 3 (decoder only) on the frozen teacher encoder (``gkd teacher-encoder``);
 * ``none``: the student trained on the labels alone, encoder trainable (the undistilled student);
+* ``student``: the student's initialisation (e.g. its ImageNet weights) frozen, decoder only — the
+  "pretrained student alone" of a foundation-to-local comparison;
 * a task-level method (``kd``, ``cwd``, ...): the same student run, plus that loss against the
   teacher segmentor (so ``teacher`` runs first, and its training is not charged to them);
 * a representation-level method (``gkd``, ``proteus``): stage 1 → stage 2 → stage 3 (frozen encoder),
@@ -41,7 +43,7 @@ from gkd.eval.report import _nan_to_none, fmt, md_table
 
 log = logging.getLogger(__name__)
 
-ROWS = ("teacher", "none")
+ROWS = ("teacher", "none", "student")
 COMPARE_JSON, COMPARE_MD, COMPARE_CSV, COMPARE_PNG = "compare.json", "compare.md", "compare.csv", "compare.png"
 
 
@@ -86,6 +88,9 @@ class ComparePlan:
     representation: RepresentationPlan = field(default_factory=RepresentationPlan)
     eval: EvalPlan = field(default_factory=EvalPlan)
     seed: int = 0
+    # a finished teacher segmentor to reuse (e.g. one trained once for several seeds' plans): the task-level
+    # rows distil from it and the `teacher` row reports it, instead of training one in <out_dir>/teacher/
+    teacher_segmentor: Optional[str] = None
 
 
 def check_methods(methods: Sequence[str], baseline: str | None) -> None:
@@ -157,7 +162,9 @@ def _run_method(plan: ComparePlan, method: str, out: Path) -> Path:
         log.info("compare: %s: reusing %s", method, final)
         return final
     t, s = plan.teacher, plan.student
-    task_row = method == "none" or _is_task(method)
+    task_row = method in ("none", "student") or _is_task(method)
+    if method == "teacher" and plan.teacher_segmentor:
+        return Path(plan.teacher_segmentor)
     for role, spec, needed in (("teacher", t, method == "teacher"), ("student", s, task_row)):
         if needed and not spec.name:
             raise ValueError(f"row {method!r} needs {role}.name in the plan")
@@ -170,11 +177,14 @@ def _run_method(plan: ComparePlan, method: str, out: Path) -> Path:
     if task_row:
         encoder = out / "student-init" / "encoder.safetensors"
         if not encoder.is_file():
-            write_student_encoder(encoder, s.name, img_size=plan.img_size, patch_size=plan.patch_size,
+            from gkd.models.student import is_vit_name
+
+            write_student_encoder(encoder, s.name, img_size=plan.img_size,
+                                  patch_size=plan.patch_size if is_vit_name(s.name) else None,  # CNNs: no patches
                                   checkpoint=s.checkpoint, seed=plan.seed, **s.kwargs)
-        if method == "none":
-            return _segment(plan, root / "s3", encoder, {"train_encoder": True})
-        teacher = out / "teacher" / "s3" / "segmentor.safetensors"
+        if method in ("none", "student"):
+            return _segment(plan, root / "s3", encoder, {"train_encoder": method == "none"})
+        teacher = Path(plan.teacher_segmentor) if plan.teacher_segmentor else out / "teacher" / "s3" / "segmentor.safetensors"
         return _segment(plan, root / "s3", encoder, {"method": {"name": method}, "teacher": str(teacher)})
     return _run_representation(plan, method, root)
 
@@ -217,7 +227,8 @@ def _run_representation(plan: ComparePlan, method: str, root: Path) -> Path:
 def _row_kind(name: str) -> str:
     if name in METHODS:
         return f"{METHODS[name].level}-level"
-    return {"teacher": "teacher (frozen VFM + decoder)", "none": "no distillation"}.get(name, "run")
+    return {"teacher": "teacher (frozen VFM + decoder)", "none": "no distillation",
+            "student": "student alone (frozen + decoder)"}.get(name, "run")
 
 
 def compare_table(runs: Mapping[str, str | Path], results: Mapping[str, Any], baseline: str | None) -> dict[str, Any]:

