@@ -74,7 +74,7 @@ def _pairs(items: list[str], option: str, what: str) -> dict[str, str]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ValueError(f"{option} takes NAME=PATH ({what}), got {item!r}")
+            raise ValueError(f"{option} takes NAME=VALUE ({what}), got {item!r}")
         out[name] = value
     return out
 

@@ -61,3 +61,15 @@ def test_stage2_refuses_other_architecture(tmp_path, shards, stage1_encoder):
 def test_stage2_needs_init(tmp_path, shards):
     with pytest.raises(SystemExit, match="init="):
         run_stage(2, [*TINY, *STAGE2, f"data.train_shards={shards}", f"out_dir={tmp_path}"])
+
+
+def test_stage_entry_point_reports_a_bad_option_in_one_line(tmp_path, shards, stage1_encoder, monkeypatch):
+    args = [*TINY, *STAGE2, f"data.train_shards={shards}", f"init={stage1_encoder}", "heads.init=foo",
+            f"out_dir={tmp_path}"]
+    monkeypatch.delenv("GKD_DEBUG", raising=False)
+    with pytest.raises(SystemExit, match=r"(?s)error: heads.init must be one of .*GKD_DEBUG=1"):
+        run_stage(2, args)
+    reset_accelerate()
+    monkeypatch.setenv("GKD_DEBUG", "1")
+    with pytest.raises(ValueError, match="heads.init"):
+        run_stage(2, args)

@@ -8,6 +8,7 @@ takes the folder as one group of runs and reports mean ± std over them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,8 @@ from gkd.config import ConfigError, DistillConfig, SegmentConfig, parse_cli
 from gkd.engine.common import reset_accelerate_state, setup_logging
 
 SEEDS_FILE = "seeds.json"
+# What the builders raise for a bad option, file or dataset (the checks name the key or the path).
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
 def run_stage(stage: int, argv: Sequence[str] | None = None) -> Path:
@@ -35,12 +38,15 @@ def run_stage(stage: int, argv: Sequence[str] | None = None) -> Path:
     if stage == 2 and not cfg.init:
         sys.exit("config error: stage 2 starts from a stage-1 encoder: pass init=<run>/encoder.safetensors")
     if stage == 3:
-        from gkd.engine.segment import train_segmentor
-
-        return train_segmentor(cfg)
-    from gkd.engine.distill import train_distill
-
-    return train_distill(cfg)
+        from gkd.engine.segment import train_segmentor as train
+    else:
+        from gkd.engine.distill import train_distill as train
+    try:
+        return train(cfg)
+    except USER_ERRORS as e:  # a config / data mistake: one line, not a traceback (GKD_DEBUG=1 keeps it)
+        if os.environ.get("GKD_DEBUG"):
+            raise
+        sys.exit(f"error: {e}\n(set GKD_DEBUG=1 for the traceback)")
 
 
 def _run_seeds(stage: int, cfg, argv: list[str]) -> Path:

@@ -166,7 +166,7 @@ def plan_selection(teacher: nn.Module, student: nn.Module, layers: str | Sequenc
     """
     for who, m in (("teacher", teacher), ("student", student)):
         if not isinstance(m, VisionTransformer):
-            raise TypeError(f"weight selection needs timm VisionTransformer models; {who} is {type(m).__name__}")
+            raise WeightSelectionError(f"weight selection needs timm VisionTransformer models; {who} is {type(m).__name__}")
     _check_same_type(teacher, student, "model class")
     for name in ("norm_pre", "norm", "fc_norm"):
         _check_same_type(getattr(teacher, name), getattr(student, name), name)
@@ -468,10 +468,10 @@ def init_student_from_teacher(
     ``mask_token`` is left as is). Returns a JSON-able provenance record: teacher name, teacher
     block indices, attention mode, (teacher, student) sizes, and the logged notes."""
     if not isinstance(student, ViTStudent):
-        raise TypeError(f"weight selection initialises ViT students; got {type(student).__name__}")
+        raise WeightSelectionError(f"weight selection initialises ViT students; got {type(student).__name__}")
     model = getattr(teacher, "model", None)
     if not isinstance(model, VisionTransformer):
-        raise TypeError(f"weight selection needs a timm VisionTransformer teacher; got {type(model).__name__}")
+        raise WeightSelectionError(f"weight selection needs a timm VisionTransformer teacher; got {type(model).__name__}")
     spec = getattr(teacher, "spec", None) or {}
     name = spec.get("name", type(model).__name__)
     sd, plan, notes = _select(model, student.encoder, layers)
