@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 
-from gkd.engine.common import setup_logging
+from gkd.logs import setup_logging
 
 
 def _cmd_data_shard(args: argparse.Namespace) -> int:

@@ -156,11 +156,6 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
-
-
 def micro_batch_size(global_batch: int, accelerator: Accelerator, accum: int) -> int:
     """Per-process micro-batch of a global batch split over processes and accumulation steps."""
     world = accelerator.num_processes

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from gkd.config import ConfigError, DistillConfig, SegmentConfig, parse_cli
-from gkd.engine.common import reset_accelerate_state, setup_logging
+from gkd.engine.common import reset_accelerate_state
+from gkd.logs import setup_logging
 
 SEEDS_FILE = "seeds.json"
 # What the builders raise for a bad option, file or dataset (the checks name the key or the path).
