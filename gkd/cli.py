@@ -196,7 +196,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from gkd.engine import read_metadata
+    from gkd.handoff import read_metadata
 
     meta = read_metadata(args.file)
     print(json.dumps(meta, indent=2, sort_keys=True))

@@ -1,6 +1,7 @@
-"""`gkd --help` (and every subcommand's --help) must not import torch: it stays instant."""
+"""The help paths and `gkd inspect` must not import torch: they stay instant."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -22,3 +23,19 @@ print(",".join(heavy) or "none")
 def test_help_imports_no_torch(argv):
     out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "none", out.stdout + out.stderr
+
+
+def test_inspect_imports_no_torch(tmp_path):
+    from torch import nn
+
+    from gkd.handoff import save_handoff
+
+    path = save_handoff(tmp_path / "enc.safetensors", nn.Linear(2, 3), {"name": "linear"}, stage=1,
+                        extra={"input_norm": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=["inspect", str(path)])], capture_output=True,
+                         text=True, check=True)
+    *printed, heavy = out.stdout.strip().splitlines()
+    assert heavy == "none", out.stdout + out.stderr
+    meta = json.loads("\n".join(printed))
+    assert meta["gkd_spec"] == {"name": "linear"} and meta["gkd_stage"] == 1
+    assert meta["gkd_input_norm"] == {"mean": [0.5] * 3, "std": [0.5] * 3}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from gkd.config import DistillConfig, SegmentConfig, load_config
 from gkd.engine import read_metadata, train_distill
-from gkd.engine.checkpoint import file_sha256
+from gkd.handoff import file_sha256
 from gkd.engine.segment import train_segmentor, weights_hash
 from gkd.models import CheckpointError, build_student
 from gkd.models import checkpoints as ckpt

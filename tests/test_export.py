@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gkd.cli import main
-from gkd.engine.checkpoint import save_handoff
+from gkd.handoff import save_handoff
 from gkd.models import build_segmentor, build_student, load_segmentor, save_segmentor
 from gkd.tools import export_onnx
 

@@ -4,7 +4,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from gkd.engine.checkpoint import file_sha256, load_handoff, read_metadata, save_handoff
+from gkd.handoff import file_sha256, load_handoff, read_metadata, save_handoff
 
 SPEC = {"name": "toy", "kind": "vit", "img_size": 224, "patch_size": 14, "grid": [16, 16], "embed_dim": 8}
 

@@ -18,7 +18,7 @@ from gkd.distill import (
     build_objective,
     random_patch_mask,
 )
-from gkd.models.tokens import Tokens
+from gkd.tensors import Tokens
 
 P, IMG, CS, CT = 4, 12, 6, 10  # 3×3 grid, N = 9
 N = (IMG // P) ** 2

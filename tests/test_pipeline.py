@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from gkd.config import DistillConfig, load_config
 from gkd.engine import read_metadata, train_distill
-from gkd.engine.checkpoint import file_sha256
+from gkd.handoff import file_sha256
 from gkd.eval import run_eval
 from helpers import TINY, reset_accelerate
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from gkd.cli import main
 from gkd.data import load_manifest
-from gkd.engine.checkpoint import save_handoff
+from gkd.handoff import save_handoff
 from gkd.models import build_segmentor, build_student, save_segmentor
 from gkd.tools import collect_images, predict_paths
 

@@ -16,7 +16,7 @@ from PIL import Image
 from gkd.cli import main as gkd_main
 from gkd.config import SegmentConfig, load_config
 from gkd.engine import read_metadata
-from gkd.engine.checkpoint import save_handoff
+from gkd.handoff import save_handoff
 from gkd.engine.segment import train_segmentor
 from gkd.engine.stages import run_stage
 from gkd.eval import run_eval

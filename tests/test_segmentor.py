@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from gkd.engine.checkpoint import load_handoff, read_metadata, save_handoff
+from gkd.handoff import load_handoff, read_metadata, save_handoff
 from gkd.models import (
     build_segmentor,
     build_student,

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from gkd.config import DistillConfig, load_config
 from gkd.engine import read_metadata, train_distill
-from gkd.engine.checkpoint import file_sha256
+from gkd.handoff import file_sha256
 from gkd.engine.distill import _build_student
 from gkd.engine.stages import run_stage
 

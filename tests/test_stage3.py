@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from gkd.config import SegmentConfig, load_config
 from gkd.engine import read_metadata
-from gkd.engine.checkpoint import save_handoff
+from gkd.handoff import save_handoff
 from gkd.engine.segment import label_subset, poly_lr, train_segmentor
 from gkd.models import build_segmentor, build_student, save_segmentor
 from helpers import reset_accelerate

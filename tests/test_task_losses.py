@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from gkd.distill.task_base import EncoderInfo, SegOutputs, TaskKDLoss, resize_to
+from gkd.distill.task_base import TaskKDLoss, resize_to
+from gkd.tensors import EncoderInfo, SegOutputs
 from gkd.distill.task_losses import CWD, LOSSES, FitNet, VanillaKD, ViTKD
 
 B, K, H, W = 2, 5, 4, 6            # logit grid h×w; labels are 4× larger (stride 4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gkd.distill.task_base import EncoderInfo, SegOutputs
+from gkd.tensors import EncoderInfo, SegOutputs
 from gkd.distill.task_losses_dense import LOSSES, AfDCD, BCKD, LFD
 
 K = 5

@@ -4,7 +4,8 @@ from gkd.distill.masking import batch_patch_mask, num_masked_samples, num_masked
 from gkd.distill.methods import METHODS, Method, build_objective, build_task_loss, get_method
 from gkd.distill.objectives import LOSS_TERMS, GKDObjective, ProteusObjective, TokenDistillationObjective
 from gkd.distill.qsd import QSD, LinearHead
-from gkd.distill.task_base import EncoderInfo, SegOutputs, TaskKDLoss
+from gkd.distill.task_base import TaskKDLoss
+from gkd.tensors import EncoderInfo, SegOutputs
 
 __all__ = [
     "QSD",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gkd.distill.objectives import GKDObjective, ProteusObjective, TokenDistillationObjective
-from gkd.distill.task_base import EncoderInfo, TaskKDLoss
+from gkd.distill.task_base import TaskKDLoss
+from gkd.tensors import EncoderInfo
 from gkd.distill import task_losses, task_losses_dense
 
 __all__ = ["Method", "METHODS", "get_method", "build_objective", "build_task_loss", "LEVELS"]

@@ -39,7 +39,7 @@ from gkd.distill.diagnostics import self_attention_ratio, spread_ratio, token_co
 from gkd.distill.masking import batch_patch_mask, num_masked_samples
 from gkd.distill.qsd import QSD, LinearHead
 from gkd.distill.target_norm import TargetStandardizer
-from gkd.models.tokens import Tokens
+from gkd.tensors import Tokens
 
 LOSS_TERMS: tuple[str, ...] = ("token", "fea", "patch")
 PatchLossOn = Literal["all", "masked"]

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from gkd.models.tokens import Tokens
+from gkd.tensors import Tokens
 
 __all__ = ["TargetStandardizer", "TokenMoments"]
 

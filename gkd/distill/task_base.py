@@ -14,50 +14,16 @@ autograd history; a loss must never make the teacher require grad.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EncoderInfo", "SegOutputs", "TaskKDLoss", "resize_to", "resize_labels", "teacher_map", "pixel_kl",
-           "IGNORE_INDEX"]
+from gkd.tensors import EncoderInfo, SegOutputs
+
+__all__ = ["TaskKDLoss", "resize_to", "resize_labels", "teacher_map", "pixel_kl", "IGNORE_INDEX"]
 
 IGNORE_INDEX = 255
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """Shapes a loss needs to build its own layers.
-
-    kind: "vit" or "cnn". embed_dim: channels of ``SegOutputs.last`` (ViT width; CNN last stage).
-    depth: number of ViT blocks (0 for CNNs). feature_channels: channels of the 4 decoder inputs.
-    """
-
-    kind: str
-    embed_dim: int
-    depth: int
-    feature_channels: tuple[int, ...]
-
-
-@dataclass
-class SegOutputs:
-    """One segmentor forward, as a distillation loss sees it.
-
-    logits: [B, K, h, w] decoder scores at the decoder's output resolution (MLP head: stride 4);
-        for Mask2Former, the log of its per-class semantic scores (see ``Decoder.logits``). None on
-        the teacher side when the loss does not read logits (its decoder is then not run).
-    features: the decoder's 4 input maps [B, C_l, H_l, W_l] at strides 4, 8, 16, 32.
-    last: the encoder's final map [B, C, h, w] (ViT: last block's patch tokens on the token grid,
-        before the final norm; CNN: last stage).
-    blocks: ViT block outputs as maps [B, C, h, w] on the token grid, keyed by block index, for
-        the indices the loss asked for in ``blocks()`` (empty otherwise).
-    """
-
-    logits: Tensor | None
-    features: list[Tensor]
-    last: Tensor
-    blocks: dict[int, Tensor] = field(default_factory=dict)
 
 
 class TaskKDLoss(nn.Module):

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkd.distill.task_base import IGNORE_INDEX, EncoderInfo, SegOutputs, TaskKDLoss, pixel_kl, resize_labels
+from gkd.distill.task_base import IGNORE_INDEX, TaskKDLoss, pixel_kl, resize_labels
 from gkd.distill.task_base import teacher_map as _teacher
+from gkd.tensors import EncoderInfo, SegOutputs
 
 __all__ = ["VanillaKD", "FitNet", "CWD", "ViTKD", "LOSSES"]
 

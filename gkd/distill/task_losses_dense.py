@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkd.distill.task_base import IGNORE_INDEX, EncoderInfo, SegOutputs, TaskKDLoss, resize_labels
+from gkd.distill.task_base import IGNORE_INDEX, TaskKDLoss, resize_labels
 from gkd.distill.task_base import pixel_kl as _pixel_kl
 from gkd.distill.task_base import teacher_map as _teacher
+from gkd.tensors import EncoderInfo, SegOutputs
 
 __all__ = ["AfDCD", "BCKD", "LFD", "LOSSES"]
 

@@ -105,7 +105,7 @@ def compute_metadata(compute: dict[str, Any], parent: str | None) -> dict[str, A
     """Handoff-file fields: this run's ``compute`` and ``compute_total``, the sum over the lineage
     (this run plus the parent file's own ``compute_total``: stage 1 + 2 + 3 for a GKD segmentor).
     A parent without a compute record (random-init baseline, older files) adds nothing and is named."""
-    from gkd.engine.checkpoint import read_metadata
+    from gkd.handoff import read_metadata
 
     total = {k: compute[k] for k in TOTAL_KEYS}
     total["runs"] = 1

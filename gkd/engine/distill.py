@@ -21,7 +21,7 @@ from gkd.config import DistillConfig, to_container
 from gkd.data import build_shard_loader, build_train_transform
 from gkd.data.wds import resolve_shards
 from gkd.distill import build_objective
-from gkd.engine.checkpoint import read_metadata, save_handoff
+from gkd.handoff import read_metadata, save_handoff
 from gkd.engine.compute import Budget, compute_metadata
 from gkd.engine.curves import plot_distill_curves
 from gkd.engine.probe import StageProbe, load_probe_data

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from gkd.data import build_dataset
 from gkd.eval.metrics import SegMetric
-from gkd.models.tokens import Tokens
+from gkd.tensors import Tokens
 
 log = logging.getLogger(__name__)
 

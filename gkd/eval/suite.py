@@ -32,6 +32,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import yaml
 
+from gkd.handoff import read_metadata
+
 from .inference import pair, predict
 from .metrics import SegMetric
 
@@ -72,12 +74,6 @@ def load_segmentor(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     from gkd.models.segmentor import load_segmentor as _load_segmentor
 
     return _load_segmentor(path)
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    from gkd.engine.checkpoint import read_metadata as _read_metadata
-
-    return _read_metadata(path)
 
 
 # --- Suite definition --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from .student import (
     same_architecture,
 )
 from .teacher import HFTeacher, Teacher, TimmTeacher, TimmViTTeacher, build_teacher
-from .tokens import Tokens
+from gkd.tensors import Tokens
 from .segmentor import (
     Segmentor,
     build_segmentor,

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gkd.handoff import load_handoff, read_metadata, save_handoff, spec_mismatch
+from gkd.tensors import SegOutputs
+
 from .decoders import IGNORE_INDEX, Decoder, build_decoder
 from .student import Student, build_student_from_spec
 from .teacher import jsonable
-
-if TYPE_CHECKING:  # gkd.distill imports gkd.models
-    from gkd.distill.task_base import SegOutputs
 
 __all__ = [
     "Segmentor",
@@ -214,15 +214,13 @@ class Segmentor(nn.Module):
             return [maps[i] for i in self.layers], maps[last] if with_last else None, {}
 
     def distill_outputs(self, images: Tensor, labels: Tensor | None = None, blocks: Sequence[int] = (),
-                        logits: bool = True) -> tuple[dict[str, Tensor] | None, "SegOutputs"]:
+                        logits: bool = True) -> tuple[dict[str, Tensor] | None, SegOutputs]:
         """One forward for task-level distillation: (``loss(images, labels)`` or None, SegOutputs).
 
         images [B,3,H,W] in [0,1]; labels [B,H,W] (255 ignore) or None (teacher side). The outputs
         are those of the padded input (sides multiples of ``size_divisor``). ``logits=False`` (teacher
         side, for losses that read features only) skips the decoder: ``SegOutputs.logits`` is None.
         """
-        from gkd.distill.task_base import SegOutputs
-
         x = self._pad(self.normalize(images), 0.0)
         features, last, block_maps = self._encode(x, blocks)
         if labels is None:
@@ -352,8 +350,6 @@ def save_segmentor(
     """Write ``segmentor.safetensors`` (stage 3): all weights (frozen encoder included), the segmentor
     spec, the resolved ``config``, the ``parent`` encoder file's hash, ``input_norm``,
     ``num_classes`` and ``class_names`` (plus ``extra``) in the header."""
-    from gkd.engine.checkpoint import save_handoff
-
     spec = segmentor.spec
     meta = {
         "input_norm": {"mean": spec["mean"], "std": spec["std"]},
@@ -369,8 +365,6 @@ def load_segmentor(path: str | Path) -> tuple[Segmentor, dict[str, Any]]:
 
     Returns (segmentor in eval mode, metadata). An encoder file from stage 1/2 is refused clearly.
     """
-    from gkd.engine.checkpoint import load_handoff, read_metadata
-
     meta = read_metadata(path)
     spec = meta["gkd_spec"]
     if not is_segmentor_spec(spec):
@@ -392,8 +386,6 @@ def load_encoder_for_segmentor(
     must equal the file's, else the file is refused. Returns (student, input_norm or None), where
     input_norm = {"mean": [...], "std": [...]} as recorded by stages 1-2.
     """
-    from gkd.engine.checkpoint import load_handoff, read_metadata, spec_mismatch
-
     meta = read_metadata(path)
     spec = meta["gkd_spec"]
     if is_segmentor_spec(spec):

@@ -48,7 +48,7 @@ from .checkpoints import (
 )
 from .resample import infer_pos_grid, resample_abs_pos_embed, resample_patch_embed
 from .teacher import _final_norm, _pair, jsonable
-from .tokens import Tokens
+from gkd.tensors import Tokens
 
 _log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from .checkpoints import (
 )
 from .imgfocus import IMGFOCUS_NAME
 from .resample import infer_pos_grid, official_pos_embed, resample_patch_conv, timm_pos_embed
-from .tokens import Tokens
+from gkd.tensors import Tokens
 
 _log = logging.getLogger(__name__)
 

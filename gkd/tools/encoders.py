@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from gkd.engine.checkpoint import read_metadata, save_handoff
+from gkd.handoff import read_metadata, save_handoff
 from gkd.models import build_student, build_student_from_spec, build_teacher
 from gkd.models.checkpoints import WHEEL_CHECKPOINTS, checkpoint_input_norm
 

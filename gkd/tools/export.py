@@ -203,7 +203,7 @@ def _trace(wrapper: nn.Module, example: Tensor, path: Path, exporter: str, opset
 
 def _metadata_props(segmentor: Any, metadata: dict[str, Any], checkpoint: Path, height: int, width: int,
                     exporter: str) -> dict[str, str]:
-    from gkd.engine.checkpoint import file_sha256
+    from gkd.handoff import file_sha256
 
     spec = segmentor.spec
     k = int(segmentor.num_classes)

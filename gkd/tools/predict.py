@@ -49,7 +49,7 @@ def load_stage3(checkpoint: str | Path) -> tuple[torch.nn.Module, dict[str, Any]
     Returns (segmentor in eval mode, metadata). Stage-1/2 encoder files are refused by
     ``load_segmentor`` itself ("... expected a segmentor.safetensors written by stage 3").
     """
-    from gkd.engine.checkpoint import read_metadata
+    from gkd.handoff import read_metadata
     from gkd.models.segmentor import load_segmentor
 
     path = Path(checkpoint)

@@ -1,0 +1,62 @@
+"""The tensor bundles that models, distillation objectives and losses pass between them.
+
+Bottom layer: models return them, ``gkd.distill`` consumes them, and neither imports the other for
+them. Plain dataclasses (torch only for the annotations).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["Tokens", "EncoderInfo", "SegOutputs"]
+
+
+@dataclass
+class Tokens:
+    """Final-norm tokens of one forward pass (every teacher and student returns them).
+
+    cls:   [B, C]    class token
+    patch: [B, N, C] patch tokens in row-major grid order, N = grid[0] * grid[1]
+    grid:  (h, w)    token grid
+    """
+
+    cls: Tensor
+    patch: Tensor
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Shapes a task-level loss needs to build its own layers.
+
+    kind: "vit" or "cnn". embed_dim: channels of ``SegOutputs.last`` (ViT width; CNN last stage).
+    depth: number of ViT blocks (0 for CNNs). feature_channels: channels of the 4 decoder inputs.
+    """
+
+    kind: str
+    embed_dim: int
+    depth: int
+    feature_channels: tuple[int, ...]
+
+
+@dataclass
+class SegOutputs:
+    """One segmentor forward, as a task-level distillation loss sees it.
+
+    logits: [B, K, h, w] decoder scores at the decoder's output resolution (MLP head: stride 4);
+        for Mask2Former, the log of its per-class semantic scores (see ``Decoder.logits``). None on
+        the teacher side when the loss does not read logits (its decoder is then not run).
+    features: the decoder's 4 input maps [B, C_l, H_l, W_l] at strides 4, 8, 16, 32.
+    last: the encoder's final map [B, C, h, w] (ViT: last block's patch tokens on the token grid,
+        before the final norm; CNN: last stage).
+    blocks: ViT block outputs as maps [B, C, h, w] on the token grid, keyed by block index, for
+        the indices the loss asked for in ``blocks()`` (empty otherwise).
+    """
+
+    logits: Tensor | None
+    features: list[Tensor]
+    last: Tensor
+    blocks: dict[int, Tensor] = field(default_factory=dict)
