@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from safetensors import safe_open
 
 import gkd
+from gkd.atomic import atomic_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -78,9 +78,8 @@ def save_handoff(
         **{f"gkd_{k}": json.dumps(v, sort_keys=True) for k, v in (extra or {}).items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

@@ -33,6 +33,8 @@ from typing import Iterable, Iterator, Sequence
 import webdataset as wds
 from PIL import Image
 
+from gkd.atomic import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
@@ -284,12 +286,6 @@ class _AtomicShardSink:
                 self._writer = None
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _class_index(names: Iterable[str | None], classes: Sequence[str] | None) -> tuple[list[str], dict[str, int]]:
     found = sorted({n for n in names if n is not None})
     if classes is None:
@@ -388,7 +384,7 @@ def write_shards(
                        prefix=prefix, seed=seed if shuffle else None, shuffled=shuffle,
                        num_skipped=len(skipped), skipped=skipped[:max_skipped_listed],
                        num_converted=converted, sources=[dict(source)] if source else [], root=str(out))
-    _atomic_write_json(index_path(out, prefix), index.to_json())
+    write_text_atomic(index_path(out, prefix), json.dumps(index.to_json(), indent=1) + "\n")
     _warn_stale(out, prefix, sink.names)
     logger.info("wrote %d samples (%d classes, layout %s) into %d shards in %s; "
                 "skipped %d unreadable, converted %d to JPEG", index.num_samples, len(class_list),

@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+from gkd.atomic import write_text_atomic
+
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class CheckpointManager:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _write_text_atomic(tmp / TRAINER_STATE, json.dumps(dict(state), indent=2))
+            write_text_atomic(tmp / TRAINER_STATE, json.dumps(dict(state), indent=2))
             if final.exists():  # re-saving the same step (e.g. the final step) replaces it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -71,9 +73,4 @@ class CheckpointManager:
         for old in done[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 

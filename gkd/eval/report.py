@@ -25,9 +25,10 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from gkd.atomic import write_text_atomic
 
 METRICS_JSON, RESULTS_MD, RESULTS_CSV = "metrics.json", "results.md", "results.csv"
 _MISSING = "–"
@@ -247,10 +248,6 @@ def to_json(results: Mapping[str, Any]) -> str:
     return json.dumps(_nan_to_none(results), indent=2, allow_nan=False) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -258,9 +255,9 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / METRICS_JSON, "md": out / RESULTS_MD, "csv": out / RESULTS_CSV}
-    _write_atomic(paths["json"], to_json(results))
-    _write_atomic(paths["md"], to_markdown(results))
-    _write_atomic(paths["csv"], to_csv(results))
+    write_text_atomic(paths["json"], to_json(results))
+    write_text_atomic(paths["md"], to_markdown(results))
+    write_text_atomic(paths["csv"], to_csv(results))
     return paths
 
 

@@ -78,6 +78,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from gkd.atomic import atomic_path
 from gkd.data.manifest import Manifest, load_manifest
 from gkd.data.segmentation import BadSampleError, manifest_image_files, read_image, resolve_root
 
@@ -323,9 +324,8 @@ def _save_png(ids: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.ascontiguousarray(ids, dtype=np.uint8))
     assert image.mode == "L", image.mode
-    tmp = path.with_name(path.name + ".part")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 @dataclass
@@ -484,9 +484,7 @@ def write_zips(entries: Sequence[Entry], folder: Path, out: Path, fmt: ServerFor
 
 
 def _zip(entries: Sequence[Entry], folder: Path, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".part")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for e in sorted(entries, key=lambda e: e.arcname):
             zf.write(folder / e.rel, arcname=e.arcname)
-    os.replace(tmp, path)
     return path

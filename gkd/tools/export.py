@@ -33,7 +33,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from gkd.atomic import atomic_path
 
 from .predict import _config_data, load_stage3, resolve_palette, trained_crop_size
 
@@ -243,9 +244,8 @@ def _write_metadata(path: Path, props: dict[str, str], doc: str) -> None:
             entry.key, entry.value = key, value
     model.doc_string = doc
     onnx.checker.check_model(model)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def _verify(segmentor: nn.Module, path: Path, height: int, width: int, batches: Sequence[int],
@@ -306,26 +306,21 @@ def export_onnx(
 
     wrapper = _ScoresOnly(segmentor).eval()
     example = torch.rand(TRACE_BATCH, 3, height, width, generator=torch.Generator().manual_seed(seed))
-    tmp = path.with_name(path.name + ".partial")
-    done = False
-    try:
-        with _constant_position_tables(segmentor, height, width):
-            _trace(wrapper, example, tmp, exporter, opset)
-        done = True
-    except ImportError:
-        raise
-    except NotImplementedError as e:  # e.g. a RoPE student at another size than its training size
-        raise RuntimeError(f"cannot export {checkpoint} at {height}x{width}: {e}") from e
-    except Exception as e:
-        decoder = getattr(segmentor, "decoder_name", "?")
-        other = "dynamo" if exporter == "torchscript" else "torchscript"
-        raise RuntimeError(f"ONNX export of the {decoder!r} segmentor failed with the {exporter} exporter "
-                           f"(opset {opset}): {type(e).__name__}: {e}. Try --exporter {other}.") from e
-    finally:
-        segmentor.eval()  # the legacy exporter restores the wrapper's training flag afterwards
-        if not done:
-            tmp.unlink(missing_ok=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a failed export leaves no file behind
+        try:
+            with _constant_position_tables(segmentor, height, width):
+                _trace(wrapper, example, tmp, exporter, opset)
+        except ImportError:
+            raise
+        except NotImplementedError as e:  # e.g. a RoPE student at another size than its training size
+            raise RuntimeError(f"cannot export {checkpoint} at {height}x{width}: {e}") from e
+        except Exception as e:
+            decoder = getattr(segmentor, "decoder_name", "?")
+            other = "dynamo" if exporter == "torchscript" else "torchscript"
+            raise RuntimeError(f"ONNX export of the {decoder!r} segmentor failed with the {exporter} exporter "
+                               f"(opset {opset}): {type(e).__name__}: {e}. Try --exporter {other}.") from e
+        finally:
+            segmentor.eval()  # the legacy exporter restores the wrapper's training flag afterwards
     props = _metadata_props(segmentor, metadata, checkpoint, height, width, exporter)
     _write_metadata(path, props, doc=f"GKD segmentor exported from {checkpoint.name}. {props['gkd_input']}. "
                                      f"{props['gkd_output']}.")
