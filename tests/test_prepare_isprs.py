@@ -1,6 +1,6 @@
 """`gkd data prepare` for ISPRS Potsdam / Vaihingen on tiny raw layouts written as real .tif files.
 
-Expected values are computed here independently of gkd.data.prepare_isprs: the ISPRS legend as a
+Expected values are computed here independently of gkd.data.prepare.isprs: the ISPRS legend as a
 colour -> id dict, the mmseg split lists typed again, and the windows as "every multiple of the
 stride below the side, clamped to side - tile" (the same set as "shift the border window back").
 """
@@ -109,7 +109,7 @@ def reasons(report: dict, text: str) -> list[dict]:
 # ----------------------------------------------------------------------------- tests
 
 def test_windows_cover_every_pixel_with_full_tiles():
-    from gkd.data.prepare_isprs import tile_windows
+    from gkd.data.prepare.isprs import tile_windows
     assert set(tile_windows(W, H, TILE, STRIDE)) == windows(W, H, TILE, STRIDE)
     assert sorted({y0 for _, y0, _, _ in tile_windows(W, H, TILE, STRIDE)}) == [0, 8, 14]
     # stride = tile: mmseg's tiles of a 6000x6000 Potsdam area, 12 x 12 = 144

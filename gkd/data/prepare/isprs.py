@@ -77,11 +77,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from gkd.data.prepare import PrepareError, PrepareReport, prepare_out_dir, register
+from gkd.data.prepare.base import IGNORE, READ_ERRORS, PrepareError, PrepareReport, prepare_out_dir, register
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 SPLITS = ("train", "val")
 
 # ISPRS legend, train-id order (the manifests' `classes`): (colour, name)
@@ -297,7 +296,7 @@ def _open(path: Path, what: str) -> Image.Image:
         im = Image.open(path)
         im.load()
         return im
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except READ_ERRORS as exc:
         raise AreaSkip(f"cannot read {what}: {type(exc).__name__}: {exc}") from exc
 
 
