@@ -98,7 +98,7 @@ class DistillPair:
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
     """AdamW with the stage-1 settings (wd 0.05, the project's decay / no-decay groups), built as
     train_distill builds it (``make_adamw``: fused where torch has a fused kernel)."""
-    from gkd.engine.common import make_adamw
+    from gkd.engine.trainer import make_adamw
 
     return make_adamw(model, 5e-4 * 8 / 512, 0.05, (0.9, 0.999))
 

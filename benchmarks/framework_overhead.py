@@ -21,7 +21,7 @@ import torch
 
 from _bench import DistillPair, adamw, interleaved, parser, plain_step, setup
 from gkd.config import DistillConfig, load_config
-from gkd.engine.common import Trainer, make_accelerator, reset_accelerate_state
+from gkd.engine.trainer import Trainer, make_accelerator, reset_accelerate_state
 from gkd.engine.compute import Budget
 
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from gkd.config import DistillConfig, load_config
 from gkd.data import build_train_transform, write_shards
 from gkd.data.teacher_cache import write_teacher_cache
-from gkd.engine.common import reset_accelerate_state
+from gkd.engine.trainer import reset_accelerate_state
 from gkd.engine.distill import build_stage_teacher, train_distill
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet_sample"

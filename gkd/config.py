@@ -57,29 +57,42 @@ class AugConfig:
 
 
 @dataclass
-class DataConfig:
+class LoaderConfig:
+    """What both stages' data sections have (the Trainer splits `batch_size` over processes)."""
+
+    batch_size: int = 512  # global: per device × processes × grad_accum
+    num_workers: int = 8
+
+
+@dataclass
+class DataConfig(LoaderConfig):
     train_shards: str = MISSING  # brace pattern, e.g. /data/in1k-wds/train-{000000..001281}.tar
     num_samples: Optional[int] = None  # default: read from the shard index written by `gkd data shard`
     img_size: int = 224
-    batch_size: int = 512  # global: per device × processes × grad_accum
-    num_workers: int = 8
     shuffle_buffer: int = 5000
     aug: AugConfig = field(default_factory=AugConfig)
     teacher_cache: Optional[str] = None  # a `gkd data cache-teacher` folder: train on its stored views and tokens
 
 
 @dataclass
-class OptimConfig:
-    epochs: int = 100
-    max_steps: Optional[int] = None  # when set, train this many optimizer steps instead
-    lr: float = 5e-4  # at lr_base_batch; scaled linearly with the global batch
-    lr_base_batch: int = 512
+class StepConfig:
+    """What both stages' optimizer sections have: AdamW and the Trainer's step."""
+
+    lr: float = 5e-4
     min_lr: float = 1e-5
-    warmup_epochs: float = 5.0
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: Optional[float] = None  # max global grad norm; None disables clipping
     grad_accum: int = 1
+
+
+@dataclass
+class OptimConfig(StepConfig):
+    epochs: int = 100
+    max_steps: Optional[int] = None  # when set, train this many optimizer steps instead
+    lr: float = 5e-4  # at lr_base_batch; scaled linearly with the global batch
+    lr_base_batch: int = 512
+    warmup_epochs: float = 5.0
 
 
 @dataclass
@@ -137,29 +150,37 @@ class ProbeConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Stage 1 (task-agnostic) and stage 2 (source-domain) distillation."""
+class RunConfig:
+    """The fields every stage's schema has; the Trainer and the stage runner read only these."""
 
     stage: int = 1
     seed: int = 0
     seeds: list[int] = field(default_factory=list)  # several runs, one per seed, in <out_dir>/seed<k>/ (see gkd.engine.stages)
     out_dir: str = "runs/stage1"
     resume: str = "auto"  # auto: latest checkpoint in out_dir if any | never | <checkpoint dir>
-    init: Optional[str] = None  # parent encoder.safetensors (stage 2 starts from stage 1)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    targets: TargetsConfig = field(default_factory=TargetsConfig)
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: StepConfig = field(default_factory=StepConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
-class SegDataConfig:
+class DistillConfig(RunConfig):
+    """Stage 1 (task-agnostic) and stage 2 (source-domain) distillation."""
+
+    init: Optional[str] = None  # parent encoder.safetensors (stage 2 starts from stage 1)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+@dataclass
+class SegDataConfig(LoaderConfig):
     manifest: str = MISSING  # name in data_manifests/ or a path to a manifest YAML
     root: Optional[str] = None  # dataset root; default $GKD_DATA_ROOT/<manifest default_root>
     split: str = "train"
@@ -182,16 +203,12 @@ class DecoderConfig:
 
 
 @dataclass
-class SegOptimConfig:
+class SegOptimConfig(StepConfig):
     iters: int = 40000
     lr: float = 1e-4
-    weight_decay: float = 0.05
     power: float = 0.9  # poly decay
     min_lr: float = 0.0
     warmup_iters: int = 0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: Optional[float] = None
-    grad_accum: int = 1
 
 
 @dataclass
@@ -207,14 +224,11 @@ class SelectConfig:
 
 
 @dataclass
-class SegmentConfig:
+class SegmentConfig(RunConfig):
     """Stage 3: a decoder trained on the frozen stage-2 encoder with source-domain labels."""
 
     stage: int = 3
-    seed: int = 0
-    seeds: list[int] = field(default_factory=list)  # several runs, one per seed, in <out_dir>/seed<k>/ (see gkd.engine.stages)
     out_dir: str = "runs/stage3"
-    resume: str = "auto"
     encoder: str = MISSING  # encoder.safetensors from stage 1 or 2 (or a teacher's, see `gkd teacher-encoder`)
     # Task-level distillation: a method of gkd.distill.METHODS with level "task" (kd, cwd, ...)
     # trains the encoder too, with the segmentation loss plus the method's loss against `teacher`.
@@ -225,7 +239,6 @@ class SegmentConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(save_every=4000, log_every=50))
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gkd.engine.common import reset_accelerate_state as reset_accelerate  # noqa: F401  (re-exported for the tests)
+from gkd.engine.trainer import reset_accelerate_state as reset_accelerate  # noqa: F401  (re-exported for the tests)
 
 # A random, narrow, one-block DINOv2-style teacher and DeiT-style student at 56 px (4×4 grid).
 TINY = [

@@ -9,7 +9,7 @@ from torch import nn
 
 from gkd.config import DistillConfig, load_config
 from gkd.distill import QSD
-from gkd.engine.common import make_adamw
+from gkd.engine.trainer import make_adamw
 from gkd.engine.distill import train_distill
 from helpers import TINY
 

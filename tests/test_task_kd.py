@@ -79,7 +79,7 @@ def test_budget_arithmetic():
 
 
 def test_cosine_decay_is_rebased_at_the_end_of_warmup_and_ends_at_the_budget():
-    from gkd.engine.common import Trainer
+    from gkd.engine.trainer import Trainer
     from gkd.engine.distill import lr_at
 
     trainer = Trainer.__new__(Trainer)  # only the schedule bookkeeping, no run
@@ -108,7 +108,7 @@ class FakeClock:
 
 def test_seconds_budget_stops_within_a_step_and_lays_the_schedule_over_it(kd_setup, monkeypatch):
     student, _, data, tmp = kd_setup
-    from gkd.engine.common import Trainer
+    from gkd.engine.trainer import Trainer
 
     monkeypatch.setattr(Trainer, "clock", staticmethod(FakeClock(1.0)))  # each step measures 1.0 s
     out = tmp / "seconds"
@@ -133,7 +133,7 @@ def test_seconds_budget_stops_within_a_step_and_lays_the_schedule_over_it(kd_set
 def test_seconds_budget_overshooting_by_half_a_step(kd_setup, monkeypatch):
     """Steps of 2 s against 5.5 s: the third step ends at 6 s (0.5 s past, as far as stopping at 4 s
     falls short), past the progress bar's total (tqdm then drops it): the run must finish."""
-    from gkd.engine.common import Trainer
+    from gkd.engine.trainer import Trainer
 
     student, _, data, tmp = kd_setup
     monkeypatch.setattr(Trainer, "clock", staticmethod(FakeClock(2.0)))

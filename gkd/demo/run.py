@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from gkd.demo import synth
-from gkd.engine.common import reset_accelerate_state
+from gkd.engine.trainer import reset_accelerate_state
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Training loops on accelerate, compute budgets, resumable checkpoints and the safetensors handoff."""
 from gkd.engine.checkpoint import CheckpointManager
-from gkd.engine.common import NonFiniteLossError
+from gkd.engine.trainer import NonFiniteLossError
 from gkd.engine.compute import Budget, BudgetSpentError, count_flops
 from gkd.engine.distill import train_distill
 from gkd.handoff import load_handoff, read_metadata, save_handoff

@@ -25,7 +25,7 @@ from gkd.handoff import read_metadata, save_handoff
 from gkd.engine.compute import Budget, compute_metadata
 from gkd.engine.curves import plot_distill_curves
 from gkd.engine.probe import StageProbe, load_probe_data
-from gkd.engine.common import Trainer, make_accelerator, make_adamw, micro_batch_size, param_checksum
+from gkd.engine.trainer import Trainer, make_accelerator, make_adamw, micro_batch_size, param_checksum
 from gkd.models import Tokens, build_student, build_teacher
 
 log = logging.getLogger(__name__)

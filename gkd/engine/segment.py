@@ -29,7 +29,7 @@ from gkd.data import build_dataset
 from gkd.data.seg_transforms import build_seg_train_transform
 from gkd.distill import EncoderInfo, SegOutputs, TaskKDLoss, build_task_loss, get_method
 from gkd.handoff import file_sha256, read_metadata
-from gkd.engine.common import Trainer, make_accelerator, make_adamw, micro_batch_size
+from gkd.engine.trainer import Trainer, make_accelerator, make_adamw, micro_batch_size
 from gkd.engine.compute import Budget, compute_metadata
 from gkd.engine.selection import Selector
 from gkd.models.segmentor import Segmentor, build_segmentor, load_encoder_for_segmentor, load_segmentor, save_segmentor

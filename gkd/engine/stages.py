@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gkd.config import ConfigError, DistillConfig, SegmentConfig, parse_cli
-from gkd.engine.common import reset_accelerate_state
+from gkd.engine.trainer import reset_accelerate_state
 from gkd.logs import setup_logging
 
 SEEDS_FILE = "seeds.json"

@@ -1,4 +1,5 @@
-"""Pieces every training loop shares: the accelerator, parameter groups, seeds, the metrics log."""
+"""The Trainer — the optimizer-step loop every stage shares, run against a compute budget — and what it
+needs: the accelerator, AdamW parameter groups, seeds, the metrics log."""
 from __future__ import annotations
 
 import gc
@@ -15,6 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from gkd.config import RunConfig
 from gkd.engine.checkpoint import CheckpointManager
 from gkd.engine.compute import Budget, count_flops
 
@@ -30,7 +32,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad update."""
 
 
-def make_accelerator(cfg: Any, find_unused_parameters: bool = False) -> Accelerator:
+def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False) -> Accelerator:
     """An Accelerator from a run config's `engine` section; CPU when CUDA is absent.
 
     find_unused_parameters: DDP's option, for models with trainable parameters that a step may
@@ -179,7 +181,7 @@ class Trainer:
 
     clock = staticmethod(time.perf_counter)  # what step seconds are measured with (tests inject a fake one)
 
-    def __init__(self, cfg: Any, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                  budget: Budget, desc: str):
         self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
         self.budget, self.desc = budget, desc

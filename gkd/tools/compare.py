@@ -38,7 +38,7 @@ from omegaconf import MISSING
 from gkd.config import BudgetConfig, DistillConfig, SegmentConfig, load_config, to_yaml
 from gkd.distill import METHODS, get_method
 from gkd.handoff import read_metadata
-from gkd.engine.common import reset_accelerate_state
+from gkd.engine.trainer import reset_accelerate_state
 from gkd.eval.report import _nan_to_none, fmt, md_table
 
 log = logging.getLogger(__name__)
