@@ -1,4 +1,4 @@
-"""The help paths and `gkd inspect` must not import torch: they stay instant."""
+"""The help paths, `gkd inspect` and `gkd data check` must not import torch: they stay instant."""
 from __future__ import annotations
 
 import json
@@ -39,3 +39,14 @@ def test_inspect_imports_no_torch(tmp_path):
     meta = json.loads("\n".join(printed))
     assert meta["gkd_spec"] == {"name": "linear"} and meta["gkd_stage"] == 1
     assert meta["gkd_input_norm"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def test_data_check_imports_no_torch(folder_dataset):
+    root, manifest, _ = folder_dataset
+    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=["data", "check", str(manifest), "--root", str(root)])],
+                         capture_output=True, text=True, check=True)
+    *printed, heavy = out.stdout.strip().splitlines()
+    assert heavy == "none", out.stdout + out.stderr
+    report = "\n".join(printed)
+    assert "split train: 24 images, 24 labels, 24 paired" in report, report  # the fixture's counts
+    assert "split val: 6 images" in report and "RESULT: OK" in report, report

@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 
 from gkd.eval import suite as suite_mod
 from gkd.eval.report import main_table, merge_results, read_results, write_report
-from gkd.eval.suite import FROM_MANIFEST, SuiteError, load_suite, run_eval
+from gkd.eval.suite import run_eval
+from gkd.eval.targets import FROM_MANIFEST, SuiteError, load_suite
 
 REPO = Path(__file__).resolve().parents[1]
 K = 5  # class 4 is never labelled and never predicted (bias −100): IoU/Acc undefined → null

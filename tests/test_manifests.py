@@ -154,7 +154,7 @@ def test_all_manifests_shipped_and_valid():
         assert m.name == name and m.ignore_index == 255 and m.default_root
         assert len(m.palette) == m.num_classes
         assert set(m.label_map.values()) == set(range(m.num_classes)), name  # every class reachable
-    # test-time resize (DESIGN §1), stored as (long, short)
+    # test-time resize (ARCHITECTURE.md §1), stored as (long, short)
     assert load_manifest("cityscapes").test_resize == (1024, 512)
     assert load_manifest("mapillary").test_resize == (1024, 512)
     assert load_manifest("bdd100k").test_resize == (1280, 720)

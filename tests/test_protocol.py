@@ -21,7 +21,8 @@ from gkd.engine.segment import train_segmentor
 from gkd.engine.stages import run_stage
 from gkd.eval import run_eval
 from gkd.eval.protocol import ProtocolError
-from gkd.eval.suite import evaluate_target, load_suite, prepare_targets
+from gkd.eval.suite import evaluate_target, prepare_targets
+from gkd.eval.targets import load_suite
 from gkd.models import build_student, load_segmentor
 from helpers import make_scene, reset_accelerate
 

@@ -35,14 +35,15 @@ _EXPORTS = {
     "available_manifests": "manifest",
     "Manifest": "manifest",
     "ManifestError": "manifest",
-    # gkd.data.segmentation — segmentation datasets and `gkd data check`
+    # gkd.data.segmentation — segmentation datasets
     "build_dataset": "segmentation",
     "SegDataset": "segmentation",
-    "resolve_root": "segmentation",
-    "check_dataset": "segmentation",
-    "CheckReport": "segmentation",
-    "manifest_image_files": "segmentation",
-    "BadSampleError": "segmentation",
+    # gkd.data.layout — datasets on disk (roots, split listings, label decoding) and `gkd data check`
+    "resolve_root": "layout",
+    "check_dataset": "layout",
+    "CheckReport": "layout",
+    "manifest_image_files": "layout",
+    "BadSampleError": "layout",
     # gkd.data.seg_transforms — stage-3 augmentation and test-time resize
     "build_seg_train_transform": "seg_transforms",
     "build_seg_eval_transform": "seg_transforms",

@@ -271,7 +271,7 @@ def build_seg_train_transform(crop_size: int | Sequence[int] = 512,
                               photometric: bool = True, ignore_index: int = 255,
                               generator: torch.Generator | None = None,
                               seed: int | None = None) -> SegTrainTransform:
-    """The paper's stage-3 augmentation (DESIGN §1); see the module docstring for each step.
+    """The paper's stage-3 augmentation (ARCHITECTURE.md §1); see the module docstring for each step.
 
     ``crop_size``: int or (h, w). ``scale``: (long, short) bound before the random ratio.
     ``seed`` builds a private generator (only when ``generator`` is None).

@@ -1,6 +1,6 @@
 """Image transforms for distillation (stages 1-2): the paper's training recipe and an eval view.
 
-Training recipe (Table, DESIGN §1): RandomResizedCrop, horizontal flip, RandAugment m9
+Training recipe (ARCHITECTURE.md §1): RandomResizedCrop, horizontal flip, RandAugment m9
 (``rand-m9-mstd0.5-inc1``), random erasing p=0.25, built with timm's ``create_transform``. Colour
 jitter is off: timm disables it whenever RandAugment is on, and the recipe has none otherwise.
 

@@ -1,4 +1,4 @@
-"""Random patch masking for the masked-student pass (DESIGN §1).
+"""Random patch masking for the masked-student pass (ARCHITECTURE.md §1).
 
 Rounding follows the authors' collate function (Proteus/GKD ``augmentations.py``):
 the number of masked samples is ``int(B * mask_sample_ratio)`` and the number of masked

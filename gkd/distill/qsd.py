@@ -1,4 +1,4 @@
-"""Query-based Soft Distillation (QSD), DESIGN §1 and §3.
+"""Query-based Soft Distillation (QSD), ARCHITECTURE.md §1 and §4.
 
 The student asks the teacher: every student token, projected to the teacher width, is a
 query over the raw teacher tokens of the same image; the attention weights then mix

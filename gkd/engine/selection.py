@@ -125,11 +125,11 @@ class Selector:
 def _selection_target(cfg: Any, train_set: Any) -> tuple[Any, Any]:
     """The selection split as an evaluation target + suite (inference settings of the shipped suites)."""
     from gkd.data import build_dataset
-    from gkd.eval.suite import PreparedTarget, Suite, Target, _manifest_resize
+    from gkd.eval.targets import PreparedTarget, Suite, Target, manifest_resize
 
     s, m = cfg.select, train_set.manifest
     dataset = build_dataset(m, s.split, root=train_set.root, on_bad=cfg.data.on_bad)
-    resize = _manifest_resize(m)
+    resize = manifest_resize(m)
     target = Target(name=f"{m.name} {s.split}", manifest=m.name, split=s.split, resize=resize)
     crop = int(cfg.data.crop_size)
     suite = Suite(name="selection", targets=(target,), source=m.name, mode=s.mode, crop=(crop, crop),

@@ -18,12 +18,13 @@ _EXPORTS = {
     "window_grid": "inference",
     "coverage_count": "inference",
     "keep_ratio_size": "inference",
+    # gkd.eval.targets
+    "Suite": "targets",
+    "Target": "targets",
+    "SuiteError": "targets",
+    "load_suite": "targets",
+    "parse_suite": "targets",
     # gkd.eval.suite
-    "Suite": "suite",
-    "Target": "suite",
-    "SuiteError": "suite",
-    "load_suite": "suite",
-    "parse_suite": "suite",
     "prepare_targets": "suite",
     "run_eval": "suite",
     # gkd.eval.report

@@ -112,7 +112,7 @@ def check_targets(checkpoint: str | Path, metadata: Mapping[str, Any], prepared:
                   listed: dict[Any, Any] | None = None) -> dict[str, Any]:
     """Refuse targets the run trained or selected on; return the protocol entry of the report.
 
-    `prepared`: `gkd.eval.suite.PreparedTarget`s (target, manifest, dataset with `.samples`).
+    `prepared`: `gkd.eval.targets.PreparedTarget`s (target, manifest, dataset with `.samples`).
     `listed`: a dict shared by the calls of one evaluation, so that runs of one setup (seeds) list
     each split's files once.
     Raises ProtocolError listing every violation (target, the use it collides with, shared files).

@@ -63,7 +63,6 @@ Unreadable images are skipped: logged, counted and listed in the result and the 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -76,14 +75,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from gkd.atomic import atomic_path
 from gkd.data.manifest import Manifest, load_manifest
-from gkd.data.segmentation import BadSampleError, manifest_image_files, read_image, resolve_root
+from gkd.data.layout import BadSampleError, manifest_image_files, resolve_root
+from gkd.data.segmentation import read_image
 
-from .inference import predict
-from .suite import FROM_MANIFEST, _collate_list, _manifest_resize, same_size_runs
+from .predict_loop import predict_dataset, process_state
+from .targets import FROM_MANIFEST, resolve_resize
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +294,7 @@ class _SingleProcess:
 
 def _default_state(model: Any) -> Any:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched: share the work, as run_eval does
-        from .suite import _process_state
-
-        return _process_state()
+        return process_state()
     params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
     return _SingleProcess(params[0].device if params else torch.device("cpu"))
 
@@ -341,36 +339,26 @@ def _predict_share(model: Any, entries: list[Entry], indices: list[int], folder:
                    num_classes: int, fmt: ServerFormat, state: Any, *, mode: str, resize: Any, crop: Any,
                    stride: Any, batch_size: int, num_workers: int) -> _Share:
     """Predict this process's images and write their PNGs."""
-    from tqdm.auto import tqdm
-
     share = _Share()
-    if not indices:
-        return share
-    autocast = getattr(state, "autocast", None) or contextlib.nullcontext
-    loader = DataLoader(_ImageFiles([entries[i].image for i in indices]), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=_collate_list)
-    bar = tqdm(total=len(indices), desc=f"{fmt.name} submission", unit="img", disable=not state.is_main_process)
-    for batch in loader:
-        for s in batch:
-            if "error" in s:
-                log.warning("skipped unreadable test image %s: %s", s["path"], s["error"])
-                share.skipped.append({"path": s["path"], "reason": s["error"]})
-        for run in same_size_runs([s for s in batch if "error" not in s]):
-            images = torch.stack([s["image"] for s in run]).to(state.device)
-            with autocast():  # the accelerator's mixed precision, as in the evaluation suite
-                scores = predict(model, images.float(), mode=mode, resize=resize, crop=crop, stride=stride,
-                                 num_classes=num_classes)
-            if scores.shape[1] != num_classes:
-                raise ValueError(f"model returned {scores.shape[1]} score channels; {fmt.name} has {num_classes} classes")
-            for s, pred in zip(run, scores.argmax(dim=1).cpu().numpy()):
-                entry = entries[indices[s["index"]]]
-                _save_png(encode_prediction(pred, lut, num_classes, s["path"]), folder / entry.rel)
-                share.written.append(indices[s["index"]])
-                height, width = pred.shape
-                if (width, height) != fmt.image_size:
-                    share.unexpected_sizes.append({"path": s["path"], "size": [width, height]})
-        bar.update(len(batch))
-    bar.close()
+
+    def readable(s: dict) -> bool:
+        if "error" in s:
+            log.warning("skipped unreadable test image %s: %s", s["path"], s["error"])
+            share.skipped.append({"path": s["path"], "reason": s["error"]})
+        return "error" not in s
+
+    images = _ImageFiles([e.image for e in entries])  # sample "index": the entry's index
+    for run, scores in predict_dataset(model, images, indices, state, mode=mode, resize=resize, crop=crop,
+                                       stride=stride, num_classes=num_classes, batch_size=batch_size,
+                                       num_workers=num_workers, desc=f"{fmt.name} submission", keep=readable):
+        if scores.shape[1] != num_classes:
+            raise ValueError(f"model returned {scores.shape[1]} score channels; {fmt.name} has {num_classes} classes")
+        for s, pred in zip(run, scores.argmax(dim=1).cpu().numpy()):
+            _save_png(encode_prediction(pred, lut, num_classes, s["path"]), folder / entries[s["index"]].rel)
+            share.written.append(s["index"])
+            height, width = pred.shape
+            if (width, height) != fmt.image_size:
+                share.unexpected_sizes.append({"path": s["path"], "size": [width, height]})
     if share.unexpected_sizes:
         log.warning("%d test images are not %d×%d like the %s server's; their predictions keep the input size "
                     "(first: %s)", len(share.unexpected_sizes), *fmt.image_size, fmt.name,
@@ -404,7 +392,7 @@ def export_submission(model: Any, manifest: str | os.PathLike | Manifest, split:
     entries = plan_entries(manifest_image_files(m, split, root_path), root_path, fmt)
     total = len(entries) if limit is None else min(limit, len(entries))
     state = state if state is not None else _default_state(model)
-    resize = _manifest_resize(m) if resize == FROM_MANIFEST else resize
+    resize = resolve_resize(resize, m)
     out = Path(out_dir)
     folder = out / fmt.name
 

@@ -1,53 +1,33 @@
-"""Domain-generalization evaluation suites (YAML) and `run_eval`, which scores checkpoints on them.
+"""`run_eval`: score checkpoints on an evaluation suite and write the report (and test-server exports).
 
-A suite file (shipped ones live in `configs/suites/`; any path works the same way):
-
-    name: gta2cbm                 # optional; default: the file name
-    description: GTA5 → Cityscapes, BDD100K, Mapillary
-    source: gta5                  # the training domain, for the report
-    mode: slide                   # slide | whole
-    crop: 512                     # int or [h, w]   (slide only)
-    stride: 341                   # int or [h, w]   (slide only)
-    targets:
-      - name: Cityscapes          # display name: a column of the report; unique
-        manifest: cityscapes      # gkd.data manifest name or path
-        split: val
-        resize: [1024, 512]       # optional keep-ratio resize; absent: the manifest's test_resize;
-                                  # null: score at the original size
-
+Suites and targets are defined in `gkd.eval.targets`; the batched prediction loop is
+`gkd.eval.predict_loop.predict_dataset`, shared with the submission export (`gkd.eval.submission`).
 `run_eval` checks every dataset root, and every checkpoint's protocol record against the targets
 (`gkd.eval.protocol`), before it loads a model, so a missing dataset or a leaking target costs nothing.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import yaml
 
 from gkd.handoff import read_metadata
 
-from .inference import pair, predict
 from .metrics import SegMetric
+from .predict_loop import predict_dataset, process_state
+from .targets import PreparedTarget, Suite, load_suite, resolve_resize, slugify
+
+__all__ = ["RESULTS_FORMAT", "build_dataset", "dataset_entry",
+           "default_model_name", "evaluate_target", "load_manifest", "load_segmentor", "load_suite",
+           "model_entry", "prepare_targets", "resolve_root", "run_eval"]
 
 log = logging.getLogger(__name__)
 
-FROM_MANIFEST = "manifest"  # Target.resize sentinel: use the manifest's test_resize
-MODES = ("slide", "whole")
-_SUITE_KEYS = {"name", "description", "source", "mode", "crop", "stride", "targets"}
-_TARGET_KEYS = {"name", "manifest", "split", "resize"}
 RESULTS_FORMAT = "gkd-eval/1"
-
-
-class SuiteError(ValueError):
-    """A suite file that does not validate; the message names the file and the field."""
 
 
 # --- Loader hooks. Imported lazily (the data and model packages are heavy, and tests replace these). ---
@@ -76,152 +56,7 @@ def load_segmentor(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return _load_segmentor(path)
 
 
-# --- Suite definition --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Target:
-    """One evaluation dataset. `resize`: (a, b) edge limits, None (original size) or FROM_MANIFEST."""
-
-    name: str
-    manifest: str
-    split: str
-    resize: Any = FROM_MANIFEST
-
-    @property
-    def slug(self) -> str:
-        """File-system-safe form of the name (prediction folders)."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_") or "target"
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    targets: tuple[Target, ...]
-    source: str | None = None
-    mode: str = "slide"
-    crop: tuple[int, int] = (512, 512)
-    stride: tuple[int, int] = (341, 341)
-    description: str = ""
-    path: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "description": self.description, "source": self.source, "mode": self.mode,
-            "crop": list(self.crop), "stride": list(self.stride), "path": self.path,
-            "targets": [{"name": t.name, "manifest": t.manifest, "split": t.split,
-                         "resize": _resize_json(t.resize)} for t in self.targets],
-        }
-
-
-def _resize_json(resize: Any) -> Any:
-    return list(resize) if isinstance(resize, tuple) else resize
-
-
-def load_suite(name_or_path: str | Path | Suite) -> Suite:
-    """A shipped suite by name (`gta2cbm`) or a YAML file path → validated `Suite`."""
-    if isinstance(name_or_path, Suite):
-        return name_or_path
-    from gkd.resources import find_resource
-
-    path = find_resource("suite", name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SuiteError(f"{path}: not valid YAML: {e}") from e
-    return parse_suite(raw, source=str(path), default_name=path.stem)
-
-
-def parse_suite(raw: Any, source: str = "<suite>", default_name: str = "suite") -> Suite:
-    """Validate a suite mapping (as read from YAML); errors name `source` and the field."""
-    def fail(field_name: str, msg: str) -> SuiteError:
-        return SuiteError(f"{source}: {field_name}: {msg}")
-
-    if not isinstance(raw, Mapping):
-        raise SuiteError(f"{source}: a suite must be a mapping with a 'targets' list, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - _SUITE_KEYS)
-    if unknown:
-        raise fail(unknown[0], f"unknown key; allowed: {', '.join(sorted(_SUITE_KEYS))}")
-    name = raw.get("name", default_name)
-    if not isinstance(name, str) or not name:
-        raise fail("name", f"expected a non-empty string, got {name!r}")
-    mode = raw.get("mode", "slide")
-    if mode not in MODES:
-        raise fail("mode", f"expected one of {MODES}, got {mode!r}")
-    try:
-        crop = pair(raw.get("crop", 512), "crop")
-    except (ValueError, TypeError) as e:
-        raise fail("crop", str(e)) from e
-    try:
-        stride = pair(raw.get("stride", 341), "stride")
-    except (ValueError, TypeError) as e:
-        raise fail("stride", str(e)) from e
-    if stride[0] > crop[0] or stride[1] > crop[1]:
-        raise fail("stride", f"{list(stride)} exceeds crop {list(crop)}: windows would leave gaps")
-    source_name = raw.get("source")
-    if source_name is not None and not isinstance(source_name, str):
-        raise fail("source", f"expected a string, got {source_name!r}")
-    description = raw.get("description", "") or ""
-    if not isinstance(description, str):
-        raise fail("description", f"expected a string, got {description!r}")
-    targets_raw = raw.get("targets")
-    if not isinstance(targets_raw, list) or not targets_raw:
-        raise fail("targets", "expected a non-empty list of {name, manifest, split[, resize]}")
-    targets = tuple(_parse_target(t, f"targets[{i}]", fail) for i, t in enumerate(targets_raw))
-    seen: dict[str, int] = {}
-    for i, t in enumerate(targets):
-        if t.name in seen:
-            raise fail(f"targets[{i}].name", f"{t.name!r} is already used by targets[{seen[t.name]}]; names must be unique")
-        seen[t.name] = i
-    return Suite(name=name, targets=targets, source=source_name, mode=mode, crop=crop, stride=stride,
-                 description=description, path=None if source.startswith("<") else source)
-
-
-def _parse_target(raw: Any, where: str, fail) -> Target:
-    if not isinstance(raw, Mapping):
-        raise fail(where, f"expected a mapping with manifest and split, got {raw!r}")
-    unknown = sorted(set(raw) - _TARGET_KEYS)
-    if unknown:
-        raise fail(f"{where}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(_TARGET_KEYS))}")
-    values = {}
-    for key in ("manifest", "split"):
-        value = raw.get(key)
-        if not isinstance(value, str) or not value:
-            raise fail(f"{where}.{key}", f"expected a non-empty string, got {value!r}")
-        values[key] = value
-    name = raw.get("name", values["manifest"])
-    if not isinstance(name, (str, int)) or str(name) == "":
-        raise fail(f"{where}.name", f"expected a non-empty string, got {name!r}")
-    resize: Any = FROM_MANIFEST
-    if "resize" in raw:
-        resize = raw["resize"]
-        if resize is not None and resize != FROM_MANIFEST:
-            try:
-                resize = pair(resize, "resize")
-            except (ValueError, TypeError) as e:
-                raise fail(f"{where}.resize", f"{e} (or null for the original size)") from e
-    return Target(name=str(name), manifest=values["manifest"], split=values["split"], resize=resize)
-
-
 # --- Evaluation --------------------------------------------------------------------------------
-
-@dataclass
-class PreparedTarget:
-    """A target with its manifest, checked root, dataset and effective resize."""
-
-    target: Target
-    manifest: Any
-    root: Path
-    dataset: Any
-    resize: tuple[int, int] | None
-    classes: list[str] = field(default_factory=list)
-
-
-def _manifest_resize(manifest: Any) -> tuple[int, int] | None:
-    value = getattr(manifest, "test_resize", None)
-    if value is None:
-        return None
-    return pair(value if isinstance(value, int) else tuple(value), "test_resize")
-
 
 def prepare_targets(suite: Suite, roots: Mapping[str, str | Path] | None = None) -> list[PreparedTarget]:
     """Load manifests, check every root and build the datasets — no model involved.
@@ -249,7 +84,7 @@ def prepare_targets(suite: Suite, roots: Mapping[str, str | Path] | None = None)
     prepared = []
     for t in suite.targets:
         manifest = manifests[t.manifest]
-        resize = _manifest_resize(manifest) if t.resize == FROM_MANIFEST else t.resize
+        resize = resolve_resize(t.resize, manifest)
         dataset = build_dataset(manifest, t.split, root=resolved[t.manifest])
         prepared.append(PreparedTarget(t, manifest, resolved[t.manifest], dataset, resize,
                                        classes=[str(c) for c in manifest.classes]))
@@ -288,7 +123,7 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     from .submission import export_submission
 
     suite = load_suite(suite)
-    state = accelerator if accelerator is not None else _process_state()
+    state = accelerator if accelerator is not None else process_state()
     prepared = prepare_targets(suite, roots)  # fails here, before any model is loaded
 
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
@@ -365,23 +200,8 @@ def _submission_targets(prepared: list[PreparedTarget], split: str) -> list[Prep
     return list(chosen.values())
 
 
-def _process_state() -> Any:
-    """accelerate's PartialState: rank, world size, device; `wait_for_everyone`.
-
-    A multi-process launch on a machine without CUDA must ask for CPU explicitly, or accelerate
-    falls back to independent single processes that would each score everything.
-    """
-    import os
-
-    from accelerate import PartialState
-
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return PartialState(cpu=use_cpu or (multi and not torch.cuda.is_available()))
-
-
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+    return slugify(text, "model")
 
 
 def _check_classes(model: Any, prepared: list[PreparedTarget], checkpoint: Any) -> None:
@@ -397,66 +217,37 @@ def _check_classes(model: Any, prepared: list[PreparedTarget], checkpoint: Any) 
                         checkpoint, list(names), pt.target.manifest, pt.classes)
 
 
-def _collate_list(batch: list[dict]) -> list[dict]:
-    """Keep samples apart: images of one dataset may differ in size."""
-    return batch
-
-
 def evaluate_target(model: Any, pt: PreparedTarget, suite: Suite, state: Any, *, batch_size: int = 1,
                     num_workers: int = 2, limit: int | None = None,
                     pred_dir: Path | None = None) -> tuple[SegMetric, int]:
     """Score this process's share of one dataset; returns (metric reduced over processes, #images)."""
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
-
     total = len(pt.dataset) if limit is None else min(limit, len(pt.dataset))
     indices = list(range(state.process_index, total, state.num_processes))
     metric = SegMetric(len(pt.classes), ignore_index=int(getattr(pt.manifest, "ignore_index", 255)))
     palette = getattr(pt.manifest, "palette", None)
-    autocast = getattr(state, "autocast", None) or contextlib.nullcontext
-    if indices:
-        loader = DataLoader(Subset(pt.dataset, indices), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, collate_fn=_collate_list)
-        bar = tqdm(total=len(indices), desc=pt.target.name, unit="img", disable=not state.is_main_process)
-        for batch in loader:
-            for group in _same_size_groups(batch):
-                images = torch.stack([s["image"] for s in group]).to(state.device)
-                labels = torch.stack([torch.as_tensor(s["label"]) for s in group])
-                with autocast():  # the accelerator's mixed precision, if it has one
-                    scores = predict(model, images.float(), mode=suite.mode, resize=pt.resize, crop=suite.crop,
-                                     stride=suite.stride, num_classes=len(pt.classes))
-                pred = scores.argmax(dim=1)
-                metric.update(pred.cpu(), labels)
-                if pred_dir is not None:
-                    from .visualize import save_prediction
+    for run, scores in predict_dataset(model, pt.dataset, indices, state, mode=suite.mode, resize=pt.resize,
+                                       crop=suite.crop, stride=suite.stride, num_classes=len(pt.classes),
+                                       batch_size=batch_size, num_workers=num_workers, desc=pt.target.name,
+                                       keep=_label_fits):
+        labels = torch.stack([torch.as_tensor(s["label"]) for s in run])
+        pred = scores.argmax(dim=1)
+        metric.update(pred.cpu(), labels)
+        if pred_dir is not None:
+            from .visualize import save_prediction
 
-                    for s, p in zip(group, pred.cpu()):
-                        save_prediction(pred_dir, Path(str(s["path"])).stem, s["image"], p, palette)
-            bar.update(len(batch))
-        bar.close()
+            for s, p in zip(run, pred.cpu()):
+                save_prediction(pred_dir, Path(str(s["path"])).stem, s["image"], p, palette)
     metric.reduce(state)
     return metric, total
 
 
-def same_size_runs(samples: list[dict]) -> list[list[dict]]:
-    """Runs of consecutive samples whose images have the same size (so they stack into one batch)."""
-    runs: list[list[dict]] = []
-    for sample in samples:
-        if runs and runs[-1][0]["image"].shape == sample["image"].shape:
-            runs[-1].append(sample)
-        else:
-            runs.append([sample])
-    return runs
-
-
-def _same_size_groups(batch: list[dict]) -> list[list[dict]]:
-    """`same_size_runs` of labelled samples; an image whose label differs in size is an error."""
-    for sample in batch:
-        image, label = sample["image"], sample["label"]
-        if tuple(image.shape[-2:]) != tuple(label.shape[-2:]):
-            raise ValueError(f"{sample.get('path')}: image size {tuple(image.shape[-2:])} != label size "
-                             f"{tuple(label.shape[-2:])}")
-    return same_size_runs(batch)
+def _label_fits(sample: dict) -> bool:
+    """A labelled sample is scored; an image whose label differs in size is an error."""
+    image, label = sample["image"], sample["label"]
+    if tuple(image.shape[-2:]) != tuple(label.shape[-2:]):
+        raise ValueError(f"{sample.get('path')}: image size {tuple(image.shape[-2:])} != label size "
+                         f"{tuple(label.shape[-2:])}")
+    return True
 
 
 def dataset_entry(computed: Mapping[str, Any], pt: PreparedTarget, num_images: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Segmentation decoders trained on a frozen encoder's multi-level features (DESIGN.md §1, stage 3).
+"""Segmentation decoders trained on a frozen encoder's multi-level features (ARCHITECTURE.md §1, stage 3).
 
 Every decoder takes ``features``: a list of maps [B, C_i, H_i, W_i], highest resolution first (for the
 built-in segmentor: four maps at strides 4, 8, 16, 32), and offers

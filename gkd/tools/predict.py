@@ -164,7 +164,8 @@ class _BatchReader(Dataset):
         return len(self.batches)
 
     def __getitem__(self, index: int) -> tuple[list[tuple[Path, str, torch.Tensor]], list[tuple[Path, str]]]:
-        from gkd.data.segmentation import BadSampleError, read_image
+        from gkd.data.layout import BadSampleError
+        from gkd.data.segmentation import read_image
 
         items, errors = [], []
         for path, stem in self.batches[index]:
@@ -256,7 +257,7 @@ def predict_paths(
     """
     from tqdm.auto import tqdm
 
-    from gkd.data.segmentation import BadSampleError, image_size
+    from gkd.data.layout import BadSampleError, image_size
     from gkd.eval.inference import pair, predict
     from gkd.eval.visualize import save_prediction
 

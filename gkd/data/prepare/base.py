@@ -162,7 +162,7 @@ def read_index_label(path: Path) -> np.ndarray:
 
 def header_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image from its header (`segmentation.image_size`); `Skip` when unreadable."""
-    from gkd.data.segmentation import BadSampleError, image_size
+    from gkd.data.layout import BadSampleError, image_size
 
     try:
         return image_size(path)
@@ -172,9 +172,9 @@ def header_size(path: Path) -> tuple[int, int]:
 
 def walk(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     """key (path below `folder` without suffix, '/'-separated) → file; the manifests' pairing rule."""
-    from gkd.data.segmentation import _walk_keys
+    from gkd.data.layout import walk_keys
 
-    return _walk_keys(folder, suffixes, ())
+    return walk_keys(folder, suffixes, ())
 
 
 def size_text(wh: tuple[int, int]) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 from gkd.data.prepare.base import PrepareError, PrepareReport, listing, register, walk
 
 if TYPE_CHECKING:  # torch-free import of this module for the CLI
-    from gkd.data.segmentation import SplitCheck
+    from gkd.data.layout import SplitCheck
 
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
                       "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
@@ -57,7 +57,7 @@ def check_layout(report: PrepareReport, src: Path, splits: Sequence[str]) -> Non
     """Check the labelled `splits` of `report.manifest` on the raw folder with
     `gkd.data.segmentation.check_dataset`; counts into `report.splits`, findings into
     `report.problems`."""
-    from gkd.data.segmentation import check_dataset
+    from gkd.data.layout import check_dataset
 
     checked = check_dataset(report.manifest, root=src, splits=list(splits))
     for split, sc in checked.splits.items():

@@ -109,7 +109,7 @@ class _Gta5Writer:
 
     def __init__(self, out: Path, on_mismatch: str, copy: bool, report: PrepareReport) -> None:
         from gkd.data.manifest import load_manifest
-        from gkd.data.segmentation import LabelDecoder
+        from gkd.data.layout import LabelDecoder
 
         self.out, self.on_mismatch, self.copy, self.report = out, on_mismatch, copy, report
         self.decoder = LabelDecoder(load_manifest("gta5"))  # the ids the shipped manifest maps
