@@ -106,7 +106,7 @@ def _eval_runs(items: list[str], names: list[str] | None) -> tuple[list[str], li
     """
     from pathlib import Path
 
-    from gkd.engine.stages import seed_runs
+    from gkd.engine.runner import seed_runs
     from gkd.eval.suite import default_model_name
 
     files, rows, groups = [], [], {}
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in {f"stage{n}" for n in STAGES}:
-        from gkd.engine.stages import run_stage  # takes --config / key=value itself
+        from gkd.engine.runner import run_stage  # takes --config / key=value itself
 
         print(run_stage(int(argv[0][-1]), argv[1:]))
         return 0

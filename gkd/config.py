@@ -155,7 +155,7 @@ class RunConfig:
 
     stage: int = 1
     seed: int = 0
-    seeds: list[int] = field(default_factory=list)  # several runs, one per seed, in <out_dir>/seed<k>/ (see gkd.engine.stages)
+    seeds: list[int] = field(default_factory=list)  # several runs, one per seed, in <out_dir>/seed<k>/ (see gkd.engine.runner)
     out_dir: str = "runs/stage1"
     resume: str = "auto"  # auto: latest checkpoint in out_dir if any | never | <checkpoint dir>
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -4,7 +4,7 @@
 
 Writes `<out_dir>/segmentor.safetensors` for `gkd eval`, plus config.yaml, metrics.jsonl, checkpoints/.
 """
-from gkd.engine.stages import run_stage
+from gkd.engine.runner import run_stage
 
 if __name__ == "__main__":
     run_stage(3)

@@ -21,7 +21,7 @@ from gkd.engine import read_metadata, train_distill
 from gkd.handoff import file_sha256
 from gkd.engine.segment import train_segmentor, weights_hash
 from gkd.models import CheckpointError, build_student
-from gkd.models import checkpoints as ckpt
+from gkd.models import weights as ckpt
 from gkd.models.student import _split_student_checkpoint
 from helpers import TINY, reset_accelerate
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gkd.models import build_teacher
-from gkd.models.checkpoints import to_timm_vit_layout
+from gkd.models.weights import to_timm_vit_layout
 from gkd.models.imgfocus import (
     IMGFOCUS_NOTE,
     find_imgfocus_onnx,

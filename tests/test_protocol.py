@@ -18,7 +18,7 @@ from gkd.config import SegmentConfig, load_config
 from gkd.engine import read_metadata
 from gkd.handoff import save_handoff
 from gkd.engine.segment import train_segmentor
-from gkd.engine.stages import run_stage
+from gkd.engine.runner import run_stage
 from gkd.eval import run_eval
 from gkd.eval.protocol import ProtocolError
 from gkd.eval.suite import evaluate_target, prepare_targets

@@ -11,7 +11,7 @@ from gkd.config import DistillConfig, load_config
 from gkd.engine import read_metadata, train_distill
 from gkd.handoff import file_sha256
 from gkd.engine.distill import _build_student
-from gkd.engine.stages import run_stage
+from gkd.engine.runner import run_stage
 
 from helpers import TINY, reset_accelerate
 

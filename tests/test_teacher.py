@@ -283,7 +283,7 @@ def test_timm_state_dict_and_safetensors_round_trip(models_plain_ckpt, tmp_path,
     save_file(timm_sd, str(tmp_path / "timm.safetensors"))
     x = _images(224, 224)
     ref = reference_forward(sd, x)
-    with caplog.at_level(logging.INFO, logger="gkd.models.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="gkd.models.weights"):
         for f in ("timm.pth", "timm.safetensors"):
             other = build_teacher("vit_small_patch14_dinov2", checkpoint=tmp_path / f, **TINY)
             assert other.spec["checkpoint_layout"] == "timm"

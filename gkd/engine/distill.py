@@ -217,7 +217,7 @@ def _student_input_norm(cfg: DistillConfig) -> tuple[list[float], list[float]] |
     """The normalisation the student's initial weights expect: `student.mean/std`, else the one the
     parent encoder (`init`) or a stage-0 encoder file (`student.checkpoint`) records, else the one a
     known checkpoint (``wheel:``) was trained with; None: the teacher's."""
-    from gkd.models.checkpoints import checkpoint_input_norm
+    from gkd.models.weights import checkpoint_input_norm
 
     s = cfg.student
     if (s.mean is None) != (s.std is None):

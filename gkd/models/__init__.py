@@ -1,5 +1,5 @@
 """Teachers, students and their weight handling (see ARCHITECTURE.md §4)."""
-from .checkpoints import CheckpointError, load_state_dict_file
+from .weights import CheckpointError, load_state_dict_file
 from .decoders import DECODERS, Decoder, Mask2FormerDecoder, MLPDecoder, build_decoder
 from .student import (
     CNNStudent,

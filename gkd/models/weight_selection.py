@@ -24,7 +24,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
-from .checkpoints import strict_load
+from .weights import strict_load
 from .resample import infer_pos_grid, resample_abs_pos_embed, resample_patch_embed
 from .student import ViTStudent
 from .teacher import Teacher, jsonable

