@@ -234,18 +234,18 @@ def to_csv(results: Mapping[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _nan_to_none(value: Any) -> Any:
+def nan_to_none(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, Mapping):
-        return {k: _nan_to_none(v) for k, v in value.items()}
+        return {k: nan_to_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
+        return [nan_to_none(v) for v in value]
     return value
 
 
 def to_json(results: Mapping[str, Any]) -> str:
-    return json.dumps(_nan_to_none(results), indent=2, allow_nan=False) + "\n"
+    return json.dumps(nan_to_none(results), indent=2, allow_nan=False) + "\n"
 
 
 

@@ -47,7 +47,7 @@ from .weights import (
     to_timm_vit_layout,
 )
 from .resample import infer_pos_grid, resample_abs_pos_embed, resample_patch_embed
-from .teacher import _final_norm, _pair, jsonable
+from .teacher import final_norm, jsonable, to_pair
 from gkd.tensors import Tokens
 
 _log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class ViTStudent(Student):
         x, rope = self._embed(images, mask)
         for i in range(self.depth):
             x = self._block(i, x, rope)
-        x = _final_norm(self.encoder, x)
+        x = final_norm(self.encoder, x)
         npt = self.encoder.num_prefix_tokens
         cls = x[:, 0] if self.encoder.cls_token is not None else x[:, npt:].mean(dim=1)
         return Tokens(cls=cls, patch=x[:, npt:], grid=self.grid)
@@ -273,7 +273,7 @@ class ViTStudent(Student):
         for i in range(wanted[-1] + 1):
             x = self._block(i, x, rope)
             if i in wanted:
-                y = _final_norm(self.encoder, x) if norm else x
+                y = final_norm(self.encoder, x) if norm else x
                 y = y[:, self.encoder.num_prefix_tokens:]
                 out[i] = y.transpose(1, 2).reshape(y.shape[0], -1, *grid)
         return [out[i % depth] for i in indices]
@@ -466,8 +466,8 @@ def build_student(
         checkpoint filter to the built patch size / grid). Not part of ``spec`` either.
     kw: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim``, ``num_heads``).
     """
-    size = _pair(img_size)
-    grid = None if grid is None else _pair(grid)
+    size = to_pair(img_size)
+    grid = None if grid is None else to_pair(grid)
     kw = dict(kw)
     if kw.get("patch_drop_rate", 0.0):
         raise ValueError("patch_drop_rate > 0 would drop tokens off the teacher grid")

@@ -42,7 +42,7 @@ OFFICIAL_PLAIN = (0.1, False)
 OFFICIAL_REG = (0.0, True)
 
 
-def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def to_pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(x, int):
         return (x, x)
     h, w = x
@@ -111,7 +111,7 @@ class Teacher(nn.Module):
         return json.dumps(self.spec)
 
 
-def _final_norm(model: nn.Module, x: Tensor) -> Tensor:
+def final_norm(model: nn.Module, x: Tensor) -> Tensor:
     """The model's last LayerNorm on every token.
 
     timm puts it in ``norm``, except for models pooled by averaging (EVA-02's default), where
@@ -205,7 +205,7 @@ class TimmViTTeacher(Teacher):
             x = torch.cat(prefix + [x], dim=1) + pos
         x = m.norm_pre(x)
         x = m.blocks(x)
-        x = _final_norm(m, x)
+        x = final_norm(m, x)
         cls, patch = _split_prefix(m, x)
         return Tokens(cls=cls, patch=patch, grid=grid)
 
@@ -219,9 +219,9 @@ class TimmTeacher(Teacher):
 
     def _encode(self, images: Tensor) -> Tokens:
         x = self.model.forward_features(images)  # [B, prefix + N, C]
-        # forward_features already applied ``norm``; _final_norm only adds fc_norm when norm is Identity.
+        # forward_features already applied ``norm``; final_norm only adds fc_norm when norm is Identity.
         if isinstance(getattr(self.model, "norm", nn.Identity()), nn.Identity):
-            x = _final_norm(self.model, x)
+            x = final_norm(self.model, x)
         cls, patch = _split_prefix(self.model, x)
         return Tokens(cls=cls, patch=patch, grid=self.grid_for(images.shape[-2], images.shape[-1]))
 
@@ -513,7 +513,7 @@ def build_teacher(
     teacher.mean = tuple(float(v) for v in norm_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
     teacher.std = tuple(float(v) for v in norm_cfg.get("std", IMAGENET_DEFAULT_STD))
     teacher.patch_size = int(patch_size or info["native_patch_size"])
-    teacher.img_size = _pair(img_size)
+    teacher.img_size = to_pair(img_size)
     teacher._freeze()
     teacher.spec = jsonable(
         {

@@ -39,7 +39,7 @@ from gkd.config import BudgetConfig, DistillConfig, SegmentConfig, load_config, 
 from gkd.distill import METHODS, get_method
 from gkd.handoff import read_metadata
 from gkd.engine.trainer import reset_accelerate_state
-from gkd.eval.report import _nan_to_none, fmt, md_table
+from gkd.eval.report import nan_to_none, fmt, md_table
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ def write_compare(table: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / COMPARE_JSON, "md": out / COMPARE_MD, "csv": out / COMPARE_CSV, "png": out / COMPARE_PNG}
-    paths["json"].write_text(json.dumps(_nan_to_none(table), indent=2, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(nan_to_none(table), indent=2, allow_nan=False) + "\n")
     paths["md"].write_text(to_markdown(table))
     paths["csv"].write_text(to_csv(table))
     plot(table, paths["png"])

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from gkd.atomic import atomic_path
 
-from .predict import _config_data, load_stage3, resolve_palette, trained_crop_size
+from .predict import config_data, load_stage3, resolve_palette, trained_crop_size
 
 _log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _metadata_props(segmentor: Any, metadata: dict[str, Any], checkpoint: Path, 
         "gkd_spec": json.dumps(spec, sort_keys=True),
         "gkd_stage": str(metadata.get("gkd_stage", "")),
         "gkd_version": str(metadata.get("gkd_version", "")),
-        "gkd_manifest": str(_config_data(metadata).get("manifest") or ""),
+        "gkd_manifest": str(config_data(metadata).get("manifest") or ""),
         "gkd_source": checkpoint.name,
         "gkd_source_sha256": file_sha256(checkpoint),
         "gkd_exporter": exporter,

@@ -109,7 +109,7 @@ def collect_images(inputs: str | Path | Iterable[str | Path], recursive: bool = 
     return out
 
 
-def _config_data(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+def config_data(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
     config = metadata.get("gkd_config")
     data = config.get("data") if isinstance(config, Mapping) else None
     return data if isinstance(data, Mapping) else {}
@@ -117,7 +117,7 @@ def _config_data(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def trained_crop_size(metadata: Mapping[str, Any]) -> int | None:
     """The stage-3 training crop (``data.crop_size`` of the config in the file's metadata), if recorded."""
-    crop = _config_data(metadata).get("crop_size")
+    crop = config_data(metadata).get("crop_size")
     return int(crop) if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 else None
 
 
@@ -134,7 +134,7 @@ def resolve_palette(num_classes: int, metadata: Mapping[str, Any] | None = None,
     from gkd.eval.visualize import make_palette
 
     given, source = None, "generated"
-    name = palette_from if palette_from is not None else _config_data(metadata or {}).get("manifest")
+    name = palette_from if palette_from is not None else config_data(metadata or {}).get("manifest")
     if name:
         try:
             manifest = load_manifest(str(name))
