@@ -107,7 +107,10 @@ def test_standardised_targets_round_trip_and_have_unit_moments():
     batches = [_tokens(g) for _ in range(3)]
     norm = TargetStandardizer(5)
     assert not norm.ready
-    norm.set_stats(norm.estimate(batches))
+    moments = TokenMoments(5)
+    for tokens in batches:
+        moments.update(tokens)
+    norm.set_stats(moments)
     assert norm.ready and norm.num_tokens.tolist() == [12, 72]
     for name in ("cls", "patch"):  # independent: numpy over all tokens of the three batches
         x = np.concatenate([getattr(t, name).reshape(-1, 5).double().numpy() for t in batches])

@@ -85,7 +85,7 @@ def test_least_squares_heads_are_the_ridge_solution(method):
 
 
 def test_fit_on_raw_tokens_then_standardised_equals_the_fit_of_standardised_targets():
-    from gkd.distill.target_norm import TargetStandardizer
+    from gkd.distill.target_norm import TargetStandardizer, TokenMoments
     from gkd.models import Tokens
 
     g = torch.Generator().manual_seed(5)
@@ -93,7 +93,9 @@ def test_fit_on_raw_tokens_then_standardised_equals_the_fit_of_standardised_targ
     t = Tokens(cls=torch.randn(6, 3, generator=g) * 9 + 2, patch=(s[..., :3] * 4 + torch.randn(6, 7, 3, generator=g)) * 20,
                grid=(1, 7))
     norm = TargetStandardizer(3)
-    norm.set_stats(norm.estimate([t]))
+    moments = TokenMoments(3)
+    moments.update(t)
+    norm.set_stats(moments)
     z = norm(t)
     raw = {"cls": RidgeFit(5, 3), "patch": RidgeFit(5, 3)}
     std = {"cls": RidgeFit(5, 3), "patch": RidgeFit(5, 3)}

@@ -15,7 +15,7 @@ stage's handoff file (``as_record``).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,14 +89,6 @@ class TargetStandardizer(nn.Module):
             getattr(self, f"{name}_mean").copy_(mean)
             getattr(self, f"{name}_std").copy_(std)
             self.num_tokens[i] = int(moments.sums[name][0])
-
-    @torch.no_grad()
-    def estimate(self, batches: Iterable[Tokens]) -> TokenMoments:
-        """Moments of the teacher tokens in `batches` (the caller may all-reduce them, then ``set_stats``)."""
-        moments = TokenMoments(self.cls_mean.numel())
-        for tokens in batches:
-            moments.update(tokens)
-        return moments
 
     def _standardize(self, x: Tensor, name: str, inverse: bool) -> Tensor:
         mean, std = getattr(self, f"{name}_mean"), getattr(self, f"{name}_std") + self.eps

@@ -126,9 +126,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     if fit_stats or fit_heads:
         started = time.perf_counter()
         batches = _teacher_tokens(_batches(cfg, transform, micro_batch, rank, world, 0, steps_per_epoch * accum, 0),
-                                  teacher, cache, accelerator.device, cfg.targets.stats_batches)
-        _calibrate(accelerator.unwrap_model(model), batches, accelerator, fit_stats, fit_heads, cfg.heads.ridge,
-                   channels_last)
+                                  teacher, cache, accelerator.device, channels_last, cfg.targets.stats_batches)
+        _calibrate(accelerator.unwrap_model(model), batches, accelerator, fit_stats, fit_heads, cfg.heads.ridge)
         trainer.charge(time.perf_counter() - started, "calibration")
     probe = None
     if probe_data is not None:
@@ -144,14 +143,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
 
     # ---- loop ------------------------------------------------------------------------------------
     def step_loss(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images = batch["image"].to(accelerator.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if cache:  # the teacher ran once, when the cache was written
-            dev = accelerator.device
-            return model(images, Tokens(cls=batch["teacher_cls"].to(dev), patch=batch["teacher_patch"].to(dev),
-                                        grid=teacher.grid))
-        return model(images, teacher(images))  # the teacher's forward is part of the step (and its FLOPs)
+        return model(*_inputs(batch, teacher, cache, accelerator.device, channels_last))
 
     def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         nonlocal skipped
@@ -250,23 +242,32 @@ def _objective_options(cfg: DistillConfig) -> dict[str, Any]:
     return {**options, "standardize_targets": cfg.targets.standardize}
 
 
+def _inputs(batch: dict[str, Any], teacher: nn.Module, cache: str | None, device: torch.device,
+            channels_last: bool) -> tuple[torch.Tensor, Tokens]:
+    """A micro-batch's images on `device` (channels-last for such students) and the teacher's tokens of
+    them: stored in the cache when training on one (the teacher ran when it was written), else the
+    teacher's forward (part of the step, and of its FLOPs)."""
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if cache:
+        return images, Tokens(cls=batch["teacher_cls"].to(device), patch=batch["teacher_patch"].to(device),
+                              grid=teacher.grid)
+    return images, teacher(images)
+
+
 def _teacher_tokens(batches: Iterator[dict[str, Any]], teacher: nn.Module, cache: str | None, device: torch.device,
-                    limit: int) -> Iterator[tuple[torch.Tensor, Tokens]]:
-    """(images, teacher tokens) of the first `limit` micro-batches (tokens from the cache when training on one)."""
+                    channels_last: bool, limit: int) -> Iterator[tuple[torch.Tensor, Tokens]]:
+    """``_inputs`` of the first `limit` micro-batches (the calibration pass)."""
     if limit < 1:
         raise ValueError(f"targets.stats_batches must be at least 1, got {limit}")
     for batch, _ in zip(batches, range(limit)):
-        images = batch["image"].to(device)
-        if cache:
-            yield images, Tokens(cls=batch["teacher_cls"].float().to(device),
-                                 patch=batch["teacher_patch"].float().to(device), grid=teacher.grid)
-        else:
-            yield images, teacher(images)
+        yield _inputs(batch, teacher, cache, device, channels_last)
 
 
 @torch.no_grad()
 def _calibrate(model: DistillModel, batches: Iterator[tuple[torch.Tensor, Tokens]], accelerator: Accelerator,
-               fit_stats: bool, fit_heads: bool, ridge: float, channels_last: bool) -> None:
+               fit_stats: bool, fit_heads: bool, ridge: float) -> None:
     """One pass over the calibration batches: the teacher tokens' per-channel statistics
     (targets.standardize) and/or the least-squares heads (heads.init, gkd.distill.head_init) from the
     student's train-mode tokens — its buffers (BatchNorm statistics) are restored afterwards. Sums are
@@ -282,8 +283,6 @@ def _calibrate(model: DistillModel, batches: Iterator[tuple[torch.Tensor, Tokens
         if moments is not None:
             moments.update(tokens)
         if fits:
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             own = student(model.renorm(images))
             fits["cls"].update(own.cls, tokens.cls)  # raw teacher tokens: standardised after the solve
             fits["patch"].update(own.patch, tokens.patch)
