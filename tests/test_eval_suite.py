@@ -1,7 +1,8 @@
 """Suites (YAML validation) and `run_eval` on fake datasets and a fake segmentor.
 
-The fakes replace the loader hooks of `gkd.eval.suite` (manifest, root, dataset, segmentor), so
-these tests do not depend on the data and model packages. The fake model is a 1×1 conv with
+The fakes stand in for the loaders that `gkd.eval.suite` imports (manifest, root, dataset,
+segmentor, metadata), patched where they are used, so these tests do not depend on the data and
+model packages. The fake model is a 1×1 conv with
 integer weights on images whose values are multiples of 1/8: every score is exact in float32, so
 an independent NumPy argmax gives the very same predictions (sliding-window averages included).
 """
@@ -102,7 +103,7 @@ targets:
 
 
 def install_fakes(module, data_root: Path, calls: dict | None = None, missing: tuple[str, ...] = ()) -> dict:
-    """Replace the loader hooks of gkd.eval.suite; `missing` manifests get no root on disk."""
+    """Patch the loaders gkd.eval.suite imports; `missing` manifests get no root on disk."""
     calls = {"segmentor": [], "datasets": []} if calls is None else calls
     for name in MANIFESTS:
         if name not in missing:
@@ -114,7 +115,8 @@ def install_fakes(module, data_root: Path, calls: dict | None = None, missing: t
             raise FileNotFoundError(f"dataset root for {manifest.name!r} not found: {path}")
         return path
 
-    def build_dataset(manifest, split, root=None):
+    def build_dataset(manifest, split, root=None, transform=None):
+        assert transform is None  # evaluation resizes and normalises itself
         calls["datasets"].append((manifest.name, split, str(root)))
         return DATASETS[(manifest.name, split)]()
 
@@ -134,7 +136,7 @@ def install_fakes(module, data_root: Path, calls: dict | None = None, missing: t
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     for hook in ("load_manifest", "resolve_root", "build_dataset", "load_segmentor", "read_metadata"):
-        monkeypatch.setattr(suite_mod, hook, getattr(suite_mod, hook))  # restored after the test
+        monkeypatch.setattr(suite_mod, hook, getattr(suite_mod, hook))  # the real ones, restored after the test
     calls = install_fakes(suite_mod, tmp_path / "data")
     suite_file = tmp_path / "fake_suite.yaml"
     suite_file.write_text(SUITE_YAML)

@@ -15,45 +15,20 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from gkd.data import build_dataset, load_manifest, resolve_root
 from gkd.handoff import read_metadata
+from gkd.models.segmentor import load_segmentor
 
 from .metrics import SegMetric
 from .predict_loop import predict_dataset, process_state
 from .targets import PreparedTarget, Suite, load_suite, resolve_resize, slugify
 
-__all__ = ["RESULTS_FORMAT", "build_dataset", "dataset_entry",
-           "default_model_name", "evaluate_target", "load_manifest", "load_segmentor", "load_suite",
-           "model_entry", "prepare_targets", "resolve_root", "run_eval"]
+__all__ = ["RESULTS_FORMAT", "dataset_entry", "default_model_name", "evaluate_target", "model_entry",
+           "prepare_targets", "run_eval"]
 
 log = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "gkd-eval/1"
-
-
-# --- Loader hooks. Imported lazily (the data and model packages are heavy, and tests replace these). ---
-
-def load_manifest(name_or_path: str) -> Any:
-    from gkd.data import load_manifest as _load_manifest
-
-    return _load_manifest(name_or_path)
-
-
-def resolve_root(manifest: Any, root: str | Path | None = None) -> Path:
-    from gkd.data import resolve_root as _resolve_root
-
-    return _resolve_root(manifest, root)
-
-
-def build_dataset(manifest: Any, split: str, root: str | Path | None = None) -> Any:
-    from gkd.data import build_dataset as _build_dataset
-
-    return _build_dataset(manifest, split, root=root, transform=None)
-
-
-def load_segmentor(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from gkd.models.segmentor import load_segmentor as _load_segmentor
-
-    return _load_segmentor(path)
 
 
 # --- Evaluation --------------------------------------------------------------------------------
@@ -85,7 +60,7 @@ def prepare_targets(suite: Suite, roots: Mapping[str, str | Path] | None = None)
     for t in suite.targets:
         manifest = manifests[t.manifest]
         resize = resolve_resize(t.resize, manifest)
-        dataset = build_dataset(manifest, t.split, root=resolved[t.manifest])
+        dataset = build_dataset(manifest, t.split, root=resolved[t.manifest], transform=None)
         prepared.append(PreparedTarget(t, manifest, resolved[t.manifest], dataset, resize,
                                        classes=[str(c) for c in manifest.classes]))
     return prepared
