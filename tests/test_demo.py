@@ -124,7 +124,8 @@ def test_quick_demo_writes_every_stage_report_and_panels(quick_run):
 
     from gkd.models import build_student_from_spec
 
-    init = build_student_from_spec(s2["gkd_spec"], checkpoint=out / "init" / "encoder.safetensors")
+    init = build_student_from_spec(s2["gkd_spec"], checkpoint=out / "init" / "encoder.safetensors",
+                                   patch_resample=demo_run.FULL.patch_resample)  # the demo's kernel rule
     baseline = load_file(out / "baseline" / "encoder.safetensors")
     assert all(torch.equal(v, baseline[k]) for k, v in init.state_dict().items())
     distilled = load_file(out / "stage2" / "encoder.safetensors")

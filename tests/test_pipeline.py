@@ -57,7 +57,7 @@ def test_stage1_to_eval(tmp_path, shards, folder_dataset):
     # stage 3 on 2 processes: MLP decoder on the frozen stage-2 encoder, half of the labels
     out3 = tmp_path / "s3"
     _launch(str(REPO / "stages" / "stage3.py"), f"encoder={s2}", f"data.manifest={manifest}", f"data.root={root}",
-            "decoder.name=mlp", "decoder.kwargs.channels=32", "data.crop_size=64", "data.scale=[128,64]",
+            "decoder.name=mlp", "decoder.kwargs.channels=32", "data.crop_size=64", "data.short_edges=null", "data.scale=[128,64]",
             "data.batch_size=4", "data.num_workers=0", "data.fraction=0.5", "optim.iters=12", "optim.lr=1e-3",
             "engine.log_every=2", "engine.save_every=6", f"out_dir={out3}")
     seg_path = out3 / "segmentor.safetensors"

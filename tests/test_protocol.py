@@ -59,7 +59,7 @@ def source(tmp_path_factory) -> dict:
 
 def stage3_args(src: dict, out: Path, *extra: str) -> list[str]:
     return [f"encoder={src['encoder']}", f"data.manifest={src['manifest']}", f"data.root={src['root']}",
-            "data.crop_size=48", "data.scale=[64,48]", "data.batch_size=2", "data.num_workers=0",
+            "data.crop_size=48", "data.short_edges=null", "data.scale=[64,48]", "data.batch_size=2", "data.num_workers=0",
             "decoder.name=mlp", "decoder.kwargs.channels=16", "optim.iters=4", "optim.lr=3e-3",
             "engine.log_every=1", "engine.save_every=2", f"out_dir={out}", *extra]
 
@@ -181,7 +181,7 @@ def test_eval_refuses_targets_the_run_used_and_states_the_protocol(source, selec
     assert "sliding window 48×48, stride 32×32" in md
     assert "  - Src test: `src` split `test`, 3 images, original size" in md
     assert "  - Other: `other` split `val`, 3 images, original size" in md
-    assert (f"| s3 | 0 | `src` split `train`, 12 images | best mIoU on `src` split `val`, every 2 steps: step "
+    assert (f"| s3 | 0 | `src` split `train`, 12 images | frozen | best mIoU on `src` split `val`, every 2 steps: step "
             f"{sel['step']} ({sel['score']:.1f}) | files: training split `train` of `src`; selection split `val` of "
             f"`src` / not recorded, so not checked: encoder's distillation data (not in its file) |") in md
 

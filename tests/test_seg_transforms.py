@@ -9,7 +9,7 @@ import torch
 
 from gkd.data.seg_transforms import (PhotoMetricDistortion, build_seg_eval_transform,
                                      build_seg_train_transform, crop_ok, hsv_to_rgb, rescale_size,
-                                     resize_label, rgb_to_hsv)
+                                     resize_label, rgb_to_hsv, short_edge_size)
 
 IGN = 255
 
@@ -109,6 +109,39 @@ def test_random_resize_range():
         assert 256 <= h <= 1024 and abs(w - 2 * h) <= 1 and lbl.shape == (h, w)
         heights.append(h)
     assert len(set(heights)) > 4
+
+
+AUTHORS_SHORT_EDGES = [256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768, 819, 870, 921, 972, 1024]
+
+
+@pytest.mark.parametrize("h,w,short,expected", [
+    (1052, 1914, 256, (256, 466)),      # GTA5: 1914 * 256 / 1052 = 465.8
+    (1052, 1914, 1024, (1024, 1863)),   # 1863.1, under max_size
+    (1024, 2048, 1024, (1024, 2048)),   # Cityscapes: long side exactly max_size
+    (512, 2048, 1024, (512, 2048)),     # 1024 x 4096 shrunk by 1/2 to respect max_size 2048
+    (2000, 1000, 512, (1024, 512)),     # portrait
+])
+def test_short_edge_size_is_mmseg_resize_shortest_edge(h, w, short, expected):
+    assert short_edge_size(h, w, short, 2048) == expected
+
+
+def test_short_edge_choice_draws_every_listed_side():
+    """The default (the authors' RandomChoiceResize): the short side is one of the 16 listed values."""
+    from gkd.config import SegDataConfig
+
+    assert SegDataConfig().short_edges == AUTHORS_SHORT_EDGES and SegDataConfig().max_size == 2048
+    image, label = torch.rand(3, 40, 60), torch.zeros(40, 60, dtype=torch.long)
+    seen = set()
+    t = build_seg_train_transform(crop_size=None, photometric=False, flip_prob=0, seed=0,
+                                  short_edges=AUTHORS_SHORT_EDGES, max_size=2048)
+    for _ in range(200):
+        img, lbl = t(image, label)
+        h, w = img.shape[1:]
+        assert h in AUTHORS_SHORT_EDGES and w == int(h * 1.5 + 0.5) and lbl.shape == (h, w)
+        seen.add(h)
+    assert seen == set(AUTHORS_SHORT_EDGES)
+    with pytest.raises(ValueError, match="short_edges"):
+        build_seg_train_transform(short_edges=[])
 
 
 def ratio_ok(crop: np.ndarray, max_ratio: float) -> bool:

@@ -199,3 +199,44 @@ def test_vit_other_sizes_registers_and_rope() -> None:
         assert eva.intermediate_layers(torch.randn(1, 3, 56, 56), [0])[0].shape == (1, 32, 4, 4)
     with pytest.raises(NotImplementedError, match="training size"):
         eva.intermediate_layers(torch.randn(1, 3, 84, 56), [0])
+
+
+def test_distill_outputs_final_norm_map_and_head_feature() -> None:
+    """SegOutputs.last_norm = the last block's patch tokens through the encoder's final LayerNorm
+    (checked against timm's forward_features); head_feature = the decoder's pre-classifier map."""
+    seg = build_segmentor(_vit(depth=3), "mlp", num_classes=3, mean=MEAN, std=STD, channels=16).eval()
+    norm = seg.encoder.encoder.norm
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    images, labels = _batch()
+    with torch.no_grad():
+        terms, out = seg.distill_outputs(images, labels, blocks=[0, 1])
+        x = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+        tokens = seg.encoder.encoder.forward_features(x)[:, seg.encoder.encoder.num_prefix_tokens:]   # [B, N, C]
+        ln = F.layer_norm(out.last.flatten(2).transpose(1, 2), (32,), norm.weight, norm.bias, norm.eps)
+    expected = tokens.transpose(1, 2).reshape(2, 32, 4, 4)
+    torch.testing.assert_close(out.last_norm, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.last_norm, ln.transpose(1, 2).reshape(2, 32, 4, 4), rtol=1e-5, atol=1e-5)
+    assert sorted(out.blocks) == [0, 1] and terms is not None
+    with torch.no_grad():
+        fused = seg.decoder.fused(out.features)
+    assert out.head_feature.shape == (2, 16, 16, 16)
+    torch.testing.assert_close(out.head_feature, fused)
+    torch.testing.assert_close(out.logits, seg.decoder.head.classifier(fused))
+    # teacher side without the decoder: no logits, no head feature; the encoder maps are still there
+    with torch.no_grad():
+        none, bare = seg.distill_outputs(images, None, logits=False)
+    assert none is None and bare.logits is None and bare.head_feature is None
+    torch.testing.assert_close(bare.last_norm, expected, rtol=1e-5, atol=1e-5)
+    # feature_norm=True: the last map is normed already, and not normed twice
+    normed = build_segmentor(seg.encoder, "mlp", num_classes=3, mean=MEAN, std=STD, channels=16, feature_norm=True)
+    with torch.no_grad():
+        _, n_out = normed.eval().distill_outputs(images, None, logits=False)
+    torch.testing.assert_close(n_out.last_norm, expected, rtol=1e-5, atol=1e-5)
+    # CNNs have no final token norm
+    torch.manual_seed(0)
+    cnn = build_segmentor(build_student("resnet18", img_size=64), "mlp", num_classes=3, channels=16).eval()
+    with torch.no_grad():
+        _, c_out = cnn.distill_outputs(images, labels)
+    assert c_out.last_norm is None and c_out.head_feature.shape == (2, 16, 16, 16)

@@ -111,7 +111,7 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path):
             w.write({"__key__": f"extra_{i}", "jpg": data, "cls": b"1"})
     out = tmp_path / "run"
     train_distill(_cfg(out, str(tmp_path / "wds" / "train-{000000..000001}.tar"), "data.num_samples=24",
-                       "optim.epochs=1"))
+                       "optim.epochs=1", "data.repeats=1"))  # one pass: the bad image is read exactly once
     ends = [r for r in _records(out) if r.get("event") == "epoch_end"]
     assert [r["skipped_corrupt"] for r in ends] == [1]
 
@@ -138,7 +138,8 @@ def test_two_process_ddp_on_realmake_images(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "stages" / "stage1.py"), *TINY, f"data.train_shards={tmp_path}/wds/train-{{000000..000003}}.tar",
-           f"out_dir={out}", "optim.epochs=4", "engine.log_sample_keys=true", "data.num_workers=1"]
+           f"out_dir={out}", "optim.epochs=4", "engine.log_sample_keys=true", "data.num_workers=1",
+           "data.repeats=1"]  # one pass per epoch: each key once, on one rank
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from gkd.config import SegmentConfig, load_config
 from gkd.engine import read_metadata
 from gkd.handoff import save_handoff
-from gkd.engine.segment import label_subset, poly_lr, train_segmentor
+from gkd.engine.segment import check_resize, label_subset, poly_lr, train_segmentor
 from gkd.models import build_segmentor, build_student, save_segmentor
 from helpers import reset_accelerate
 
@@ -32,8 +32,8 @@ def _encoder(tmp_path: Path, name: str = "vit_tiny_patch16_224") -> Path:
 def _cfg(tmp_path, encoder, manifest, root, *extra) -> SegmentConfig:
     return load_config(SegmentConfig, [], [
         f"encoder={encoder}", f"data.manifest={manifest}", f"data.root={root}", "data.crop_size=64",
-        "data.scale=[128,64]", "data.batch_size=2", "data.num_workers=0", "optim.iters=6", "optim.lr=1e-3",
-        "engine.log_every=1", "engine.save_every=3", f"out_dir={tmp_path / 's3'}", *extra])
+        "data.short_edges=null", "data.scale=[128,64]", "data.batch_size=2", "data.num_workers=0", "optim.iters=6",
+        "optim.lr=1e-3", "engine.log_every=1", "engine.save_every=3", f"out_dir={tmp_path / 's3'}", *extra])
 
 
 def test_mask2former_stage3_resumes_and_keeps_encoder(tmp_path, folder_dataset, monkeypatch):
@@ -66,6 +66,32 @@ def test_mask2former_stage3_resumes_and_keeps_encoder(tmp_path, folder_dataset, 
         torch.testing.assert_close(seg_w[f"encoder.{k}"], v, rtol=0, atol=0, msg=k)
 
 
+def test_encoder_fine_tuning_recipe(tmp_path, folder_dataset):
+    """The authors' EVA-02 stage 3 (configs/stage3/recipes/eva02_finetune.yaml): the encoder trains at a scaled lr
+    with stochastic depth. At lr scale 0 the encoder must not move while the decoder does."""
+    from gkd.models.segmentor import load_encoder_for_segmentor
+
+    root, manifest, _ = folder_dataset
+    encoder = _encoder(tmp_path)
+    enc, _ = load_encoder_for_segmentor(encoder, drop_path_rate=0.15)
+    rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in enc.encoder.blocks]
+    assert rates == pytest.approx([0.0, 0.15])  # linear over the 2 blocks, as timm lays it out
+
+    fine = ["train_encoder=true", "encoder_drop_path=0.15", "decoder.name=mlp", "decoder.kwargs.channels=16",
+            "optim.iters=2", "engine.save_every=100"]
+    path = train_segmentor(_cfg(tmp_path, encoder, manifest, root, *fine, "optim.encoder_lr_scale=0"))
+    before, after = load_file(str(encoder)), load_file(str(path))
+    for k, v in before.items():
+        torch.testing.assert_close(after[f"encoder.{k}"], v, rtol=0, atol=0, msg=k)
+    assert read_metadata(path)["gkd_protocol"]["encoder_recipe"] == {"trained": True, "lr_scale": 0.0, "drop_path": 0.15}
+    reset_accelerate()
+    path = train_segmentor(_cfg(tmp_path / "b", encoder, manifest, root, *fine, "optim.encoder_lr_scale=0.1"))
+    after = load_file(str(path))
+    assert any(not torch.equal(after[f"encoder.{k}"], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="train_encoder=true"):
+        train_segmentor(_cfg(tmp_path / "c", encoder, manifest, root, "optim.encoder_lr_scale=0.1"))
+
+
 def test_stage3_refuses_non_encoder_files(tmp_path, folder_dataset):
     root, manifest, _ = folder_dataset
     encoder = _encoder(tmp_path)
@@ -74,6 +100,15 @@ def test_stage3_refuses_non_encoder_files(tmp_path, folder_dataset):
     seg_file = save_segmentor(tmp_path / "segmentor.safetensors", segmentor, parent=encoder)
     with pytest.raises(ValueError, match="segmentor"):
         train_segmentor(_cfg(tmp_path, seg_file, manifest, root, "decoder.name=mlp"))
+
+
+def test_keep_ratio_options_need_short_edges_off():
+    """data.scale beside the authors' short-edge list would do nothing: refused, naming the fix."""
+    base = ["encoder=e.safetensors", "data.manifest=camvid"]
+    check_resize(load_config(SegmentConfig, [], base).data)  # the defaults
+    check_resize(load_config(SegmentConfig, [], base + ["data.short_edges=null", "data.scale=[64,32]"]).data)
+    with pytest.raises(ValueError, match="data.short_edges=null"):
+        check_resize(load_config(SegmentConfig, [], base + ["data.scale=[64,32]"]).data)
 
 
 def test_poly_schedule_and_label_subset():

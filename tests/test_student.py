@@ -34,7 +34,8 @@ def test_patch16_student_on_teacher_grid_resamples_checkpoint(tmp_path, caplog) 
     assert sd["patch_embed.proj.weight"].shape[-1] == 16 and "head.weight" in sd
     torch.save({"state_dict": sd}, tmp_path / "deit.pth")
     with caplog.at_level(logging.INFO, logger="gkd.models"):
-        student = build_student("deit_small_patch16_224", img_size=224, grid=(16, 16), checkpoint=tmp_path / "deit.pth", **TINY)
+        student = build_student("deit_small_patch16_224", img_size=224, grid=(16, 16), checkpoint=tmp_path / "deit.pth",
+                                patch_resample="pinv", **TINY)
     assert "head.weight" in caplog.text and "head.bias" in caplog.text  # dropped head is logged
     assert student.patch_size == 14 and student.grid == (16, 16) and student.num_patches == 256
     assert student.embed_dim == 32 and student.kind == "vit"
@@ -57,6 +58,10 @@ def test_patch16_student_on_teacher_grid_resamples_checkpoint(tmp_path, caplog) 
         pi_err = (F.conv2d(smooth14, enc.patch_embed.proj.weight) - target).abs().max()
         naive_err = (F.conv2d(smooth14, F.interpolate(w16, size=(14, 14), mode="bicubic")) - target).abs().max()
     assert pi_err < 0.01 * target.abs().max() and pi_err < naive_err / 5
+    # the default is the authors' rule: that plain bicubic interpolation of the kernel
+    authors = build_student("deit_small_patch16_224", img_size=224, grid=(16, 16), checkpoint=tmp_path / "deit.pth", **TINY)
+    torch.testing.assert_close(authors.encoder.patch_embed.proj.weight,
+                               F.interpolate(w16, size=(14, 14), mode="bicubic", align_corners=False))
 
 
 def test_grid_errors_and_unknown_keys(tmp_path) -> None:
@@ -213,7 +218,8 @@ def test_spec_round_trip(tmp_path, name: str, kw: dict, size: int, grid: tuple[i
 def test_stage2_reload_changes_grid_and_checks_architecture(tmp_path) -> None:
     stage1 = build_student("deit_small_patch16_224", img_size=224, grid=(16, 16), **TINY)
     save_file({k: v.contiguous() for k, v in stage1.state_dict().items()}, str(tmp_path / "encoder.safetensors"))
-    stage2 = build_student("deit_small_patch16_224", img_size=64, grid=(4, 4), checkpoint=tmp_path / "encoder.safetensors", **TINY)
+    stage2 = build_student("deit_small_patch16_224", img_size=64, grid=(4, 4), checkpoint=tmp_path / "encoder.safetensors",
+                           patch_resample="pinv", **TINY)
     assert stage2.patch_size == 16 and stage2.grid == (4, 4)
     torch.testing.assert_close(stage2.mask_token, stage1.mask_token)
     torch.testing.assert_close(

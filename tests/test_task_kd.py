@@ -35,7 +35,7 @@ def kd_setup(tmp_path_factory, folder_dataset):
                                         patch_size=16, random_init=True, **TEACHER)
     student_enc = write_student_encoder(tmp / "student.safetensors", "vit_tiny_patch16_224", img_size=64,
                                         patch_size=16, **STUDENT)
-    data = [f"data.manifest={manifest}", f"data.root={root}", "data.crop_size=64", "data.scale=[128,64]",
+    data = [f"data.manifest={manifest}", f"data.root={root}", "data.crop_size=64", "data.short_edges=null", "data.scale=[128,64]",
             "data.batch_size=2", "data.num_workers=0", "optim.lr=1e-3", "engine.log_every=1",
             "engine.save_every=1000", "decoder.name=mlp", "decoder.kwargs.channels=16"]
     teacher = train_segmentor(load_config(SegmentConfig, [], [f"encoder={teacher_enc}", f"out_dir={tmp / 't'}",
@@ -199,7 +199,9 @@ def test_task_level_method_trains_the_student_and_never_the_teacher(kd_setup, me
     steps = [r for r in _records(out) if "loss" in r]
     assert len(steps) == 2
     for r in steps:  # the total is the segmentation loss plus the method's
-        assert r["loss"] == pytest.approx(r["loss_seg"] + r["loss_distill"], rel=1e-5, abs=1e-6)
+        # (LFD's script divides the segmentation loss by its own detached value: it enters as 1)
+        seg_term = 1.0 if method == "lfd" else r["loss_seg"]
+        assert r["loss"] == pytest.approx(seg_term + r["loss_distill"], rel=1e-5, abs=1e-6)
     seg, meta = load_segmentor(path)
     init = load_file(str(student))
     changed = [k for k, v in seg.encoder.state_dict().items() if not torch.equal(v, init[k])]
@@ -208,6 +210,24 @@ def test_task_level_method_trains_the_student_and_never_the_teacher(kd_setup, me
     after = load_file(str(teacher))
     assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher file is untouched
     assert not any(k.startswith("kd.") for k in load_file(str(path)))  # the method's own layers are dropped
+
+
+def test_bckd_temperature_is_checkpointed_and_resumed(kd_setup):
+    """BCKD's τ is loss-module state: the stage-3 checkpoint holds it and a resumed run continues from
+    it. With tau_range=0 every training forward grows τ, so step t runs at τ = 1.05^(t−1)."""
+    student, teacher, data, tmp = kd_setup
+    out = tmp / "bckd_resume"
+    args = [f"encoder={student}", f"out_dir={out}", "method.name=bckd", f"teacher={teacher}",
+            "method.options.tau_range=0", "method.options.channels=16", *data]
+    train_segmentor(load_config(SegmentConfig, [], [*args, "budget.amount=2"]))
+    reset_accelerate()
+    saved = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    assert float(saved["kd.tau"]) == pytest.approx(1.05**2)
+    train_segmentor(load_config(SegmentConfig, [], [*args, "budget.amount=4"]))  # resumes at step 2
+    reset_accelerate()
+    steps = [r for r in _records(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["bckd_tau"] for r in steps] == pytest.approx([1.05**t for t in range(4)], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -246,7 +266,7 @@ def test_the_teacher_segmentor_gets_no_gradient(kd_setup):
     teacher = load_teacher_segmentor(teacher_path, ["background", "box", "disc"])
     enc, _ = load_encoder_for_segmentor(student)
     seg = build_segmentor(enc, "mlp", 3, channels=16, train_encoder=True)
-    for name in ("kd", "vitkd", "lfd"):
+    for name in ("kd", "vitkd", "lfd", "bckd"):
         kd = build_task_loss(name, encoder_info(seg), encoder_info(teacher), 3)
         images, labels = torch.rand(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
         _, t_out = teacher.distill_outputs(images, None, kd.blocks(kd.teacher_info, "teacher"))  # autograd on
@@ -311,7 +331,7 @@ def test_compare_runs_every_row_at_one_budget_and_writes_table_and_plot(tmp_path
 
     s1 = overlay("s1", [*TINY, f"data.train_shards={shards}"])
     s2 = overlay("s2", [x for x in TINY if not x.startswith("student.")] + [f"data.train_shards={shards}"])
-    s3 = overlay("s3", [f"data.manifest={manifest}", f"data.root={root}", "data.crop_size=64", "data.scale=[128,64]",
+    s3 = overlay("s3", [f"data.manifest={manifest}", f"data.root={root}", "data.crop_size=64", "data.short_edges=null", "data.scale=[128,64]",
                         "data.batch_size=2", "data.num_workers=0", "optim.lr=1e-3", "engine.log_every=1",
                         "decoder.name=mlp", "decoder.kwargs.channels=16"])
     plan = overlay("plan", [

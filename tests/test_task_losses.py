@@ -26,16 +26,17 @@ TEACHER = EncoderInfo("vit", CT, DEPTH_T, FEATS_T)
 
 def outputs(c_last: int, depth: int, feats: tuple[int, ...], grid: tuple[int, int] = (H, W),
             seed: int = 0, scale: float = 2.0) -> SegOutputs:
-    """Random SegOutputs: logits [B,K,h,w], 4 features, last map and blocks 0, 1, depth-1."""
+    """Random SegOutputs: logits [B,K,h,w], 4 features, last map (and its final-norm version) and blocks 0, 1."""
     g = torch.Generator().manual_seed(seed)
     h, w = grid
     rand = lambda *shape: scale * torch.randn(*shape, generator=g)  # noqa: E731
-    blocks = {i: rand(B, c_last, h, w) for i in (0, 1, depth - 1)}
+    blocks = {i: rand(B, c_last, h, w) for i in (0, 1)}
     return SegOutputs(
         logits=rand(B, K, h, w),
         features=[rand(B, c, 2 * h, 2 * w) if i == 0 else rand(B, c, h, w) for i, c in enumerate(feats)],
-        last=blocks[depth - 1].clone(),
+        last=rand(B, c_last, h, w),
         blocks=blocks,
+        last_norm=rand(B, c_last, h, w),
     )
 
 
@@ -134,27 +135,31 @@ def vitkd_reference(loss: ViTKD, s: SegOutputs, t: SegOutputs, mask: torch.Tenso
     def tokens(x: torch.Tensor) -> np.ndarray:  # [B, C, h, w] → [B, N, C]
         return x.detach().double().flatten(2).transpose(1, 2).numpy()
 
-    def linear(layer: torch.nn.Linear, x: np.ndarray) -> np.ndarray:
+    def linear(layer: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+        if isinstance(layer, torch.nn.Identity):
+            return x.copy()
         return x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
 
+    b, _, h, w = s.last_norm.shape
+    ct = t.last_norm.shape[1]
     mimic = 0.0
     for l in (0, 1):
         diff = linear(loss.mimic_proj[l], tokens(s.blocks[l])) - tokens(t.blocks[l])
         mimic += float((diff**2).sum())
-    mimic *= loss.alpha / B
+    mimic *= loss.alpha / b
 
-    x = linear(loss.gen_proj, tokens(s.blocks[DEPTH_S - 1]))                      # [B, N, Ct]
+    x = linear(loss.gen_proj, tokens(s.last_norm))                                # [B, N, Ct]
     token = loss.mask_token.detach().double().numpy()
-    for b in range(B):
-        for n in range(H * W):
-            if mask[b, n]:
-                x[b, n] = token
-    grid = torch.from_numpy(x).transpose(1, 2).reshape(B, CT, H, W)
+    for bi in range(b):
+        for n in range(h * w):
+            if mask[bi, n]:
+                x[bi, n] = token
+    grid = torch.from_numpy(x).transpose(1, 2).reshape(b, ct, h, w)
     gen = tokens(copy.deepcopy(loss.generator).double()(grid))
-    target = tokens(t.blocks[DEPTH_T - 1])
-    err = sum(float(((gen[b, n] - target[b, n]) ** 2).sum())
-              for b in range(B) for n in range(H * W) if mask[b, n])
-    return mimic, loss.beta * err / (B * loss.mask_ratio)
+    target = tokens(t.last_norm)
+    err = sum(float(((gen[bi, n] - target[bi, n]) ** 2).sum())
+              for bi in range(b) for n in range(h * w) if mask[bi, n])
+    return mimic, loss.beta * err / (b * loss.mask_ratio)
 
 
 def test_vitkd_matches_token_loop() -> None:
@@ -175,8 +180,8 @@ def test_vitkd_matches_token_loop() -> None:
 def test_vitkd_defaults_mask_and_blocks() -> None:
     loss = build("vitkd")
     assert (loss.alpha, loss.beta, loss.mask_ratio) == (3e-5, 3e-6, 0.5)
-    assert loss.blocks(STUDENT, "student") == [0, 1, DEPTH_S - 1]
-    assert loss.blocks(TEACHER, "teacher") == [0, 1, DEPTH_T - 1]
+    # the deep layer comes normed in SegOutputs.last_norm, so only the shallow pair is requested
+    assert loss.blocks(STUDENT, "student") == [0, 1] and loss.blocks(TEACHER, "teacher") == [0, 1]
     torch.manual_seed(0)
     mask = loss.random_mask(64, 25)
     # keep int(N·(1−λ)) = 12 tokens, mask the other 13, in every row
@@ -194,6 +199,53 @@ def test_vitkd_rejects_cnn() -> None:
         ViTKD(cnn, TEACHER, K)
     with pytest.raises(ValueError, match="ViT"):
         ViTKD(STUDENT, cnn, K)
+    t = teacher_out()
+    t.last_norm = None  # a CNN-style SegOutputs
+    with pytest.raises(ValueError, match="last_norm"):
+        build("vitkd")(student_out(), t, labels(), 0.0)
+
+
+def test_vitkd_targets_are_the_official_tensors_on_a_tiny_vit() -> None:
+    """The generation target (and the student's input) is the last block's patch tokens after the
+    encoder's final norm — the official backbone's ``high_f`` (``x = self.norm1(x)`` on the last
+    layer, then ``x[:, 1:]``) — computed independently with timm's own forward_features."""
+    from gkd.engine.segment import encoder_info
+    from gkd.models import build_segmentor, build_student
+
+    def segmentor(seed: int, dim: int):
+        torch.manual_seed(seed)
+        enc = build_student("deit_small_patch16_224", img_size=64, patch_size=16, embed_dim=dim, depth=3, num_heads=2)
+        return build_segmentor(enc, "mlp", K, channels=8, train_encoder=True)
+
+    student, teacher = segmentor(0, 16), segmentor(1, 24)
+    with torch.no_grad():  # a non-trivial final norm, so a missing norm shows
+        for seg in (student, teacher):
+            seg.encoder.encoder.norm.weight.normal_()
+            seg.encoder.encoder.norm.bias.normal_()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    loss = ViTKD(encoder_info(student), encoder_info(teacher), K)
+    _, s = student.distill_outputs(images, None, loss.blocks(loss.student_info, "student"), logits=False)
+    with torch.no_grad():
+        _, t = teacher.distill_outputs(images, None, loss.blocks(loss.teacher_info, "teacher"), logits=False)
+
+    def official_high(seg) -> torch.Tensor:
+        x = (images - seg.mean) / seg.std
+        with torch.no_grad():
+            tokens = seg.encoder.encoder.forward_features(x)[:, seg.encoder.encoder.num_prefix_tokens:]  # [B, N, C]
+        return tokens.transpose(1, 2).reshape(2, -1, 4, 4)
+
+    torch.testing.assert_close(t.last_norm, official_high(teacher), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.last_norm.detach(), official_high(student), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(t.last_norm, t.last, atol=1e-3)  # the pre-norm map differs: the norm matters
+    assert sorted(t.blocks) == [0, 1]
+    # and the loss's generation term uses exactly that target
+    torch.manual_seed(9)
+    got = loss(s, t, labels(), 0.0)
+    torch.manual_seed(9)
+    mask = loss.random_mask(2, 16)
+    ref = SegOutputs(t.logits, t.features, t.last, t.blocks, last_norm=official_high(teacher))
+    _, gen = vitkd_reference(loss, s, ref, mask)
+    assert got["loss_vitkd_gen"].item() == pytest.approx(gen, rel=1e-5)
 
 
 # ---------------------------------------------------------------- temperature and invariances
@@ -246,6 +298,7 @@ def test_teacher_grid_is_resized_to_student() -> None:
     t_small.last = resize_to(t_big.last, s.last)
     t_small.features = [resize_to(tf, sf) for tf, sf in zip(t_big.features, s.features)]
     t_small.blocks = {i: resize_to(v, s.last) for i, v in t_big.blocks.items()}
+    t_small.last_norm = resize_to(t_big.last_norm, s.last)
     for name in LOSSES:
         loss = build(name)
         torch.manual_seed(5)
@@ -260,7 +313,8 @@ def test_half_precision_teacher_gives_fp32_loss(name: str) -> None:
     s, lab, loss = student_out(), labels(), build(name)
     t = teacher_out(grid=(2 * H, 2 * W))  # so the loss also resizes the bf16 maps
     cast = lambda o, dt: SegOutputs(o.logits.to(dt), [f.to(dt) for f in o.features],  # noqa: E731
-                                    o.last.to(dt), {i: v.to(dt) for i, v in o.blocks.items()})
+                                    o.last.to(dt), {i: v.to(dt) for i, v in o.blocks.items()},
+                                    last_norm=o.last_norm.to(dt))
     t16 = cast(t, torch.bfloat16)
     t32 = cast(t16, torch.float32)  # the same bf16 values, upcast before the loss
     torch.manual_seed(5)
@@ -278,11 +332,11 @@ def test_half_precision_teacher_gives_fp32_loss(name: str) -> None:
 def leaf_outputs(out: SegOutputs, requires_grad: bool) -> SegOutputs:
     leaf = lambda x: x.detach().clone().requires_grad_(requires_grad)  # noqa: E731
     return SegOutputs(leaf(out.logits), [leaf(f) for f in out.features], leaf(out.last),
-                      {i: leaf(v) for i, v in out.blocks.items()})
+                      {i: leaf(v) for i, v in out.blocks.items()}, last_norm=leaf(out.last_norm))
 
 
 def tensors(out: SegOutputs) -> list[torch.Tensor]:
-    return [out.logits, *out.features, out.last, *out.blocks.values()]
+    return [out.logits, *out.features, out.last, *out.blocks.values(), out.last_norm]
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

@@ -241,17 +241,51 @@ def test_native_grid_is_read_from_checkpoint(tmp_path) -> None:
 
 def test_patch_size_resample_and_out_index(models_plain_ckpt: tuple[dict, str]) -> None:
     sd, path = models_plain_ckpt
-    teacher = build_teacher("vit_small_patch14_dinov2", checkpoint=path, patch_size=16, img_size=224, **TINY)
-    assert teacher.patch_size == 16 and teacher.grid == (14, 14)
-    kernel = resample_patch_embed(sd["patch_embed.proj.weight"], [16, 16])
-    torch.testing.assert_close(teacher.model.patch_embed.proj.weight, kernel)
-    sd16 = dict(sd, **{"patch_embed.proj.weight": kernel})
     x = _images(224, 224)
-    _close(teacher(x), reference_forward(sd16, x, patch=16))  # official rule on the 14×14 token grid
+    # Default: the authors' rule, a bicubic F.interpolate of the kernel itself (no antialias, no rescaling).
+    teacher = build_teacher("vit_small_patch14_dinov2", checkpoint=path, patch_size=16, img_size=224, **TINY)
+    assert teacher.patch_size == 16 and teacher.grid == (14, 14) and teacher.spec["patch_resample"] == "bicubic"
+    w14 = sd["patch_embed.proj.weight"]
+    kernel = F.interpolate(w14, size=(16, 16), mode="bicubic", align_corners=False, antialias=False)
+    torch.testing.assert_close(teacher.model.patch_embed.proj.weight, kernel, atol=0, rtol=0)
+    torch.testing.assert_close(teacher.model.patch_embed.proj.bias, sd["patch_embed.proj.bias"], atol=0, rtol=0)
+    _close(teacher(x), reference_forward(dict(sd, **{"patch_embed.proj.weight": kernel}), x, patch=16))
+    # A smooth kernel interpolated this way sums over (16/14)^2 as many pixels: about 1.31x the response.
+    ratio = kernel.sum(dim=(1, 2, 3)).norm() / w14.sum(dim=(1, 2, 3)).norm()
+    assert abs(ratio - (16 / 14) ** 2) < 0.05
+
+    # pinv: timm's FlexiViT pseudo-inverse resize, unchanged.
+    pinv = build_teacher("vit_small_patch14_dinov2", checkpoint=path, patch_size=16, img_size=224,
+                         patch_resample="pinv", **TINY)
+    assert pinv.spec["patch_resample"] == "pinv"
+    kernel = resample_patch_embed(w14, [16, 16])
+    torch.testing.assert_close(pinv.model.patch_embed.proj.weight, kernel)
+    sd16 = dict(sd, **{"patch_embed.proj.weight": kernel})
+    _close(pinv(x), reference_forward(sd16, x, patch=16))  # official rule on the 14×14 token grid
+
+    native = build_teacher("vit_small_patch14_dinov2", checkpoint=path, **TINY)
+    assert native.spec["patch_resample"] is None  # no resampling, nothing to record
+    with pytest.raises(ValueError, match="patch_resample"):
+        build_teacher("vit_small_patch14_dinov2", checkpoint=path, patch_size=16, patch_resample="nearest", **TINY)
 
     first = build_teacher("vit_small_patch14_dinov2", checkpoint=path, out_index=0, **TINY)
     assert len(first.model.blocks) == 1 and first.spec["num_blocks"] == 1
     _close(first(x), reference_forward(sd, x, num_blocks=1))
+
+
+def test_stage2_authors_position_rule_is_size_based_bicubic(models_plain_ckpt: tuple[dict, str]) -> None:
+    """The authors' stage-2 teacher: table 37×37 -> 32×32 by F.interpolate(size=...), bicubic, no antialias."""
+    sd, path = models_plain_ckpt
+    teacher = build_teacher("vit_small_patch14_dinov2", checkpoint=path, patch_size=16, img_size=512,
+                            interpolate_offset=0.0, interpolate_antialias=False, **TINY)
+    kernel = F.interpolate(sd["patch_embed.proj.weight"], size=(16, 16), mode="bicubic", align_corners=False)
+    grid = sd["pos_embed"][:, 1:].reshape(1, 37, 37, DIM).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(32, 32), mode="bicubic", align_corners=False, antialias=False)
+    pos = torch.cat([sd["pos_embed"][:, :1], grid.permute(0, 2, 3, 1).reshape(1, 32 * 32, DIM)], dim=1)
+    # reference_forward at 32×32 with the interpolated table: its early-out uses the table as given.
+    x = _images(512, 512, b=1)
+    ref = reference_forward(dict(sd, **{"patch_embed.proj.weight": kernel, "pos_embed": pos}), x, patch=16)
+    _close(teacher(x), ref, atol=5e-5)
 
 
 def test_strict_loading_lists_keys(models_plain_ckpt: tuple[dict, str], tmp_path) -> None:
@@ -334,6 +368,24 @@ def test_eva02_uses_timm_dynamic_forward(tmp_path) -> None:
         torch.testing.assert_close(out.patch, feats[:, 1:], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="official"):
         build_teacher("eva02_tiny_patch14_224", pos_interp="official", **kw)
+
+
+def test_eva02_inputs_use_imagenet_mean_std() -> None:
+    """timm's EVA-02 pretrained_cfg says CLIP's mean/std; the authors normalise with ImageNet's."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN
+
+    kw = dict(embed_dim=32, depth=1, num_heads=2)
+    for name in ("eva02_tiny_patch14_224", "eva02_base_patch14_224.mim_in22k"):
+        teacher = build_teacher(name, **kw)
+        assert tuple(teacher.model.pretrained_cfg["mean"]) == OPENAI_CLIP_MEAN  # what timm would pick
+        assert teacher.mean == IMAGENET_DEFAULT_MEAN and teacher.std == IMAGENET_DEFAULT_STD
+        assert teacher.spec["norm_source"].startswith("imagenet")
+    dino = build_teacher("vit_small_patch14_dinov2", **TINY)
+    assert dino.mean == IMAGENET_DEFAULT_MEAN and dino.spec["norm_source"] == "pretrained_cfg"
+    own = build_teacher("eva02_tiny_patch14_224", mean=[0.5] * 3, std=[0.25] * 3, **kw)
+    assert own.mean == (0.5,) * 3 and own.std == (0.25,) * 3 and own.spec["norm_source"] == "explicit"
+    with pytest.raises(ValueError, match="both mean and std"):
+        build_teacher("eva02_tiny_patch14_224", mean=[0.5] * 3, **kw)
 
 
 def _tiny_hf(tmp_path, registers: bool):

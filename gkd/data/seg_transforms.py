@@ -6,8 +6,12 @@ Training (mmsegmentation's pipeline, re-implemented; the definitions follow mmse
 ``RandomResize`` / ``RandomCrop`` / ``RandomFlip`` / ``PhotoMetricDistortion`` and the data
 preprocessor's padding):
 
-1. random keep-ratio resize: ``r ~ U(ratio_range)``, bound ``(int(scale[0] r), int(scale[1] r))``
-   = (long side, short side), image bilinear, label nearest (so no new label values appear);
+1. random keep-ratio resize, image bilinear, label nearest (so no new label values appear), by one of
+   two rules: ``short_edges`` (the authors' stage-3 configs: mmseg ``RandomChoiceResize`` over
+   ``ResizeShortestEdge``) draws a short side uniformly from the list and shrinks the result so
+   that the long side is at most ``max_size`` (see ``short_edge_size``); otherwise (mmseg
+   ``RandomResize``) ``r ~ U(ratio_range)`` gives the bound ``(int(scale[0] r), int(scale[1] r))``
+   = (long side, short side);
 2. random crop to ``crop_size``; with ``cat_max_ratio < 1`` a crop is redrawn up to 10 times until
    it holds at least two classes and no class covers ``cat_max_ratio`` or more of its non-ignored
    pixels (after 10 failures the 11th draw is kept, as in mmseg);
@@ -63,6 +67,19 @@ def rescale_size(height: int, width: int, scale: int | Sequence[int]) -> Size:
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def short_edge_size(height: int, width: int, short: int, max_size: int | None) -> Size:
+    """Output (height, width) of mmseg ``ResizeShortestEdge``: the short side becomes ``short``,
+    then everything shrinks so that the long side is at most ``max_size``; the rounded size is the
+    bound of a keep-ratio resize (mmcv ``imrescale``), as mmseg applies it."""
+    factor = short / min(height, width)
+    new_h, new_w = (short, factor * width) if height < width else (factor * height, short)
+    if max_size and max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    new_h, new_w = int(new_h + 0.5), int(new_w + 0.5)
+    return rescale_size(height, width, (max(new_h, new_w), min(new_h, new_w)))
 
 
 def resize_image(image: torch.Tensor, size: Size) -> torch.Tensor:
@@ -203,7 +220,12 @@ class SegTrainTransform:
                  scale: Sequence[int] | None = (2048, 512),
                  ratio_range: Sequence[float] | None = (0.5, 2.0), cat_max_ratio: float = 0.75,
                  flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = 255,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, short_edges: Sequence[int] | None = None,
+                 max_size: int | None = None) -> None:
+        if short_edges is not None and (not short_edges or min(short_edges) <= 0):
+            raise ValueError(f"short_edges must be positive side lengths, got {list(short_edges)}")
+        self.short_edges = None if short_edges is None else tuple(int(s) for s in short_edges)
+        self.max_size = None if max_size is None else int(max_size)
         self.crop_size = None if crop_size is None else _pair(crop_size)
         self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
         self.ratio_range = None if ratio_range is None else (float(ratio_range[0]),
@@ -213,6 +235,14 @@ class SegTrainTransform:
         self.photometric = PhotoMetricDistortion() if photometric else None
         self.ignore_index = int(ignore_index)
         self.generator = generator
+
+    def random_size(self, height: int, width: int) -> Size | None:
+        """The (height, width) this draw resizes a ``height`` × ``width`` image to (None: unchanged)."""
+        if self.short_edges is not None:
+            short = self.short_edges[_randint(0, len(self.short_edges), self.generator)]
+            return short_edge_size(height, width, short, self.max_size)
+        bound = self.random_scale()
+        return None if bound is None else rescale_size(height, width, bound)
 
     def random_scale(self) -> Size | None:
         """The (long, short) bound of this draw (mmcv RandomResize with ``ratio_range``)."""
@@ -227,9 +257,8 @@ class SegTrainTransform:
         if tuple(image.shape[1:]) != tuple(label.shape):
             raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} differ in size")
         gen = self.generator
-        bound = self.random_scale()
-        if bound is not None:
-            size = rescale_size(image.shape[1], image.shape[2], bound)
+        size = self.random_size(image.shape[1], image.shape[2])
+        if size is not None:
             image, label = resize_image(image, size), resize_label(label, size)
         if self.crop_size is not None:
             image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio,
@@ -243,8 +272,9 @@ class SegTrainTransform:
         return image.contiguous(), label.contiguous()
 
     def __repr__(self) -> str:
-        return (f"SegTrainTransform(crop_size={self.crop_size}, scale={self.scale}, "
-                f"ratio_range={self.ratio_range}, cat_max_ratio={self.cat_max_ratio}, "
+        resize = (f"short_edges={list(self.short_edges)}, max_size={self.max_size}" if self.short_edges
+                  else f"scale={self.scale}, ratio_range={self.ratio_range}")
+        return (f"SegTrainTransform(crop_size={self.crop_size}, {resize}, cat_max_ratio={self.cat_max_ratio}, "
                 f"flip_prob={self.flip_prob}, photometric={self.photometric is not None}, "
                 f"ignore_index={self.ignore_index})")
 
@@ -270,16 +300,18 @@ def build_seg_train_transform(crop_size: int | Sequence[int] = 512,
                               cat_max_ratio: float = 0.75, flip_prob: float = 0.5,
                               photometric: bool = True, ignore_index: int = 255,
                               generator: torch.Generator | None = None,
-                              seed: int | None = None) -> SegTrainTransform:
+                              seed: int | None = None, short_edges: Sequence[int] | None = None,
+                              max_size: int | None = None) -> SegTrainTransform:
     """The paper's stage-3 augmentation (ARCHITECTURE.md §1); see the module docstring for each step.
 
-    ``crop_size``: int or (h, w). ``scale``: (long, short) bound before the random ratio.
+    ``crop_size``: int or (h, w). ``short_edges``/``max_size``: the authors' resize (a short side
+    drawn from the list); else ``scale``: (long, short) bound before the random ratio.
     ``seed`` builds a private generator (only when ``generator`` is None).
     """
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
     return SegTrainTransform(crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric,
-                             ignore_index, generator)
+                             ignore_index, generator, short_edges, max_size)
 
 
 def build_seg_eval_transform(resize: int | Sequence[int] | None) -> SegEvalTransform:
@@ -289,5 +321,5 @@ def build_seg_eval_transform(resize: int | Sequence[int] | None) -> SegEvalTrans
 
 
 __all__ = ["build_seg_train_transform", "build_seg_eval_transform", "SegTrainTransform",
-           "SegEvalTransform", "PhotoMetricDistortion", "rescale_size", "resize_image",
+           "SegEvalTransform", "PhotoMetricDistortion", "rescale_size", "short_edge_size", "resize_image",
            "resize_label", "random_crop", "crop_ok", "pad_to", "rgb_to_hsv", "hsv_to_rgb"]

@@ -19,16 +19,33 @@ DataLoader's worker count and the shards, so every rank computes the same plan w
 3. Each worker reads its shards in order, cycling over them when it runs short, through a shuffle
    buffer seeded with (seed, epoch, rank, worker), and cuts the stream into batches of exactly
    ``batch_size`` raw samples.
-4. Every rank yields exactly ``steps_per_epoch`` batches (default: total samples //
+4. Every rank yields exactly ``steps_per_epoch`` batches (default: ``epoch_samples`` //
    (batch_size * world_size)), so DDP ranks never wait on one another at the end of an epoch.
    Worker ``w`` of ``W`` produces the batches ``i`` with ``i % W == w``; the DataLoader's
    round-robin then returns them in order ``0, 1, 2, ...``.
 5. Before the transform, python ``random``, numpy and torch's CPU generator are seeded from
-   (seed, epoch, pass, sample key), so a sample's augmentation does not depend on worker count
+   (seed, epoch, pass, sample key, copy), so a sample's augmentation does not depend on worker count
    or on resuming. The caller's RNG states are restored afterwards.
 6. ``start_step=k`` drops the raw (undecoded) samples of batches ``0..k-1`` and rotates the
    worker roles so that worker 0 produces batch ``k``: the resumed batches equal batches
    ``k, k+1, ...`` of the uninterrupted epoch exactly (same ``num_workers`` required).
+
+Repeated augmentation (``repeats=r``, DeiT's ``RASampler`` as the authors' stage-1/2 script uses it
+with r = 3): RASampler repeats every index of the epoch's permutation r times in a row and deals the
+list round-robin to ranks, so the r views of an image land on r consecutive ranks. Here the same is
+done at shard level, before step 2: the epoch's shard order becomes the list of (shard, copy) pairs
+``s0c0, s0c1, ..., s0c(r-1), s1c0, ...`` and that list is dealt to ranks and workers as above, so the
+copies of a shard go to consecutive ranks (all different when world_size >= r) and every (key, copy)
+is read by exactly one reader. A reader holding several copies of a shard in a row reads the tar once
+and emits each sample once per copy. The copy index joins the augmentation seed, so each view is
+augmented independently (copy 0 keeps the plain reader's seed). Where it differs from RASampler: a
+stream cannot permute images globally, so images are grouped by shard (and mixed only within the
+shuffle buffers); and the epoch is cut after ``steps_per_epoch`` batches, counted as RASampler
+counts (``epoch_samples``: about N views, not r·N). All copies of a shard sit at the same depth of
+their readers' lists, so an epoch reads the first ~1/r of its shard order with all r views, except
+near each reader's cut (about a shard plus a shuffle buffer), where some images get fewer views
+(RASampler: at most one image). Resume is exact as before (the copies are ordinary stream items).
+``repeats=1`` is the plain reader, unchanged.
 
 An undecodable image never shifts the stream (that would break exact resume): its slot is filled
 with the nearest decodable sample of the same batch (searching forward), or, if the whole batch is
@@ -46,6 +63,7 @@ import contextlib
 import glob
 import hashlib
 import io
+import itertools
 import logging
 import os
 import random
@@ -68,6 +86,7 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "img", "image")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _MAX_LOOKAHEAD = 10_000  # raw samples searched for a donor when a whole batch is undecodable
+RA_ROUND = 256  # RASampler rounds the epoch down to a multiple of this many samples
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "sftp://", "scp://", "ais://")
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
@@ -234,23 +253,36 @@ def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ReadPlan:
-    """One reader (rank, worker): walk ``shards`` in order, keep positions ``p % modulo == remainder``."""
+    """One reader (rank, worker): walk ``shards`` in order, keep positions ``p % modulo == remainder``.
+
+    ``copies[i]`` is the repeated-augmentation copy that reading ``shards[i]`` yields (empty: all 0).
+    A run of equal consecutive shards is read once, each sample emitted once per copy of the run
+    (positions ``p`` count the emitted copies)."""
 
     shards: tuple[int, ...]
     modulo: int = 1
     remainder: int = 0
+    copies: tuple[int, ...] = ()
 
 
-def read_plan(order: Sequence[int], rank: int, world_size: int, worker: int, num_workers: int) -> ReadPlan:
-    """Deal shards to ranks then workers; fall back to sample-level splits when shards are few."""
+def read_plan(order: Sequence[int], rank: int, world_size: int, worker: int, num_workers: int,
+              repeats: int = 1) -> ReadPlan:
+    """Deal the (shard, copy) pairs of ``order`` (each shard ``repeats`` times in a row) to ranks
+    then workers; fall back to sample-level splits when shards (for ranks) or a rank's pairs (for
+    its workers) are fewer than the readers."""
+    views = [(s, c) for s in order for c in range(repeats)]
+    # ranks split by shard only when each gets a real shard: dealing r copies of too few shards
+    # would give some ranks twice the samples of others
     if len(order) >= world_size:
-        shards, modulo, remainder = tuple(order[rank::world_size]), 1, 0
+        mine, modulo, remainder = views[rank::world_size], 1, 0
     else:
-        shards, modulo, remainder = tuple(order), world_size, rank
-    if modulo == 1 and len(shards) >= num_workers:
-        return ReadPlan(shards[worker::num_workers])
-    # sample level: keep p with p % modulo == remainder, then every num_workers-th of those
-    return ReadPlan(shards, modulo * num_workers, remainder + modulo * worker)
+        mine, modulo, remainder = views, world_size, rank
+    if modulo == 1 and len(mine) >= num_workers:
+        mine = mine[worker::num_workers]
+    else:  # sample level: keep p with p % modulo == remainder, then every num_workers-th of those
+        modulo, remainder = modulo * num_workers, remainder + modulo * worker
+    copies = tuple(c for _, c in mine) if repeats > 1 else ()
+    return ReadPlan(tuple(s for s, _ in mine), modulo, remainder, copies)
 
 
 # ============================================================================ streaming helpers
@@ -273,13 +305,19 @@ def _read_shard(url: str, expected: int | None) -> Iterator[dict]:
 
 
 def _one_pass(plan: ReadPlan, urls: Sequence[str], counts: Sequence[int] | None) -> Iterator[dict]:
-    """This reader's raw samples from one walk over its shards."""
+    """This reader's raw samples from one walk over its shards, each tagged ``__copy__``."""
     pos = 0
-    for i in plan.shards:
+    copies = plan.copies or (0,) * len(plan.shards)
+    for i, run in itertools.groupby(zip(plan.shards, copies), key=lambda sc: sc[0]):
+        run_copies = [c for _, c in run]
         for sample in _read_shard(urls[i], None if counts is None else counts[i]):
-            if pos % plan.modulo == plan.remainder:
-                yield sample
-            pos += 1
+            for c in run_copies:
+                if pos % plan.modulo == plan.remainder:
+                    # copies share the bytes but not the dict: __copy__ / __pass__ differ per view
+                    view = dict(sample) if len(run_copies) > 1 else sample
+                    view["__copy__"] = c
+                    yield view
+                pos += 1
 
 
 def _shuffle(stream: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
@@ -349,6 +387,11 @@ def _preserved_rng() -> Iterator[None]:
         torch.set_rng_state(th)
 
 
+def aug_seed(seed: int, epoch: int, n_pass: int, key: str, copy: int = 0) -> int:
+    """Augmentation seed of one view; copy 0 (and so ``repeats=1``) keeps the plain reader's seed."""
+    return _mix("aug", seed, epoch, n_pass, key, *([copy] if copy else []))
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -378,11 +421,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shard_set: ShardSet, transform: Callable | None, batch_size: int, *,
                  rank: int, world_size: int, epoch: int, seed: int, steps_per_epoch: int,
-                 start_step: int = 0, shuffle_buffer: int = 1000, return_keys: bool = False) -> None:
+                 start_step: int = 0, shuffle_buffer: int = 1000, return_keys: bool = False,
+                 repeats: int = 1) -> None:
         super().__init__()
         self.shard_set, self.transform = shard_set, transform or _to_tensor
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.epoch, self.seed = epoch, seed
+        self.epoch, self.seed, self.repeats = epoch, seed, repeats
         self.steps_per_epoch, self.start_step = steps_per_epoch, start_step
         self.shuffle_buffer, self.return_keys = shuffle_buffer, return_keys
         self._logged: set[str] = set()
@@ -393,7 +437,7 @@ class ShardStream(IterableDataset):
     # --- plan ---------------------------------------------------------------------------------
     def _plan(self, worker: int, num_workers: int) -> ReadPlan:
         order = epoch_shard_order(len(self.shard_set.urls), self.seed, self.epoch)
-        return read_plan(order, self.rank, self.world_size, worker, num_workers)
+        return read_plan(order, self.rank, self.world_size, worker, num_workers, self.repeats)
 
     # --- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -447,7 +491,7 @@ class ShardStream(IterableDataset):
     def _prepare(self, img: Image.Image, sample: dict) -> dict[str, torch.Tensor]:
         """The slot's tensors: its image, augmented with the slot's own seed (so a donor image gets a
         fresh augmentation)."""
-        _seed_all(_mix("aug", self.seed, self.epoch, sample["__pass__"], sample["__key__"]))
+        _seed_all(aug_seed(self.seed, self.epoch, sample["__pass__"], sample["__key__"], sample.get("__copy__", 0)))
         return {"image": self.transform(img)}
 
     def _make_batch(self, raw: list[dict], stream: _Lookahead) -> dict:
@@ -468,9 +512,26 @@ class ShardStream(IterableDataset):
 
 # ============================================================================ public builder
 
-def default_steps_per_epoch(num_samples: int, batch_size_per_rank: int, world_size: int) -> int:
-    """Full global batches per epoch: ``num_samples // (batch_size_per_rank * world_size)``."""
-    return num_samples // (batch_size_per_rank * world_size)
+def epoch_samples(num_samples: int, repeats: int = 1) -> int:
+    """Samples (views) one epoch draws over all ranks, counted as the authors' samplers count.
+
+    ``repeats=1``: all ``num_samples``. ``repeats>1`` (RASampler): its per-rank
+    ``num_selected_samples = floor(N // 256 * 256 / world)`` summed over ranks, i.e. N rounded down
+    to a multiple of 256 — not r·N: the r-fold list is cut, so an epoch sees about N/r images r times
+    each. (With drop_last its steps, ``floor(floor(N // 256 * 256 / world) / B)``, equal
+    ``epoch_samples // (B * world)``.) Deviation: fewer than 256 samples keep all N, where
+    RASampler's epoch would be empty.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if repeats == 1 or num_samples < RA_ROUND:
+        return num_samples
+    return num_samples // RA_ROUND * RA_ROUND
+
+
+def default_steps_per_epoch(num_samples: int, batch_size_per_rank: int, world_size: int, repeats: int = 1) -> int:
+    """Full global batches per epoch: ``epoch_samples(num_samples, repeats) // (batch_size_per_rank * world_size)``."""
+    return epoch_samples(num_samples, repeats) // (batch_size_per_rank * world_size)
 
 
 def build_shard_loader(
@@ -491,6 +552,7 @@ def build_shard_loader(
     prefetch_factor: int | None = None,
     return_keys: bool = False,
     stream_cls: type[ShardStream] = ShardStream,
+    repeats: int = 1,
 ) -> DataLoader:
     """DataLoader over webdataset shards for one epoch of one rank; rebuild it every epoch.
 
@@ -503,13 +565,15 @@ def build_shard_loader(
         epoch, seed: select the shard order, shuffle buffers and augmentation seeds.
         num_workers: DataLoader worker processes (0 = in this process). Part of the split plan:
             resuming exactly needs the same value.
-        steps_per_epoch: batches every rank yields; default ``num_samples // (B * world_size)``.
+        steps_per_epoch: batches every rank yields; default ``epoch_samples(num_samples, repeats) //
+            (B * world_size)``.
         start_step: first batch of this epoch to yield (resume); earlier ones are skipped undecoded.
         shuffle_buffer: raw samples in each reader's shuffle buffer (1 = no shuffling).
         num_samples: declared total (overrides the index; needed for remote shards without one).
         pin_memory: passed to the DataLoader.
         return_keys: also yield ``key``: list of sample keys.
         stream_cls: the dataset class (a teacher cache decodes its own samples, see teacher_cache).
+        repeats: augmented views of every sample (repeated augmentation, module docstring); 1: plain.
 
     Returns:
         ``DataLoader`` of dict batches (module docstring); ``len()`` = ``steps_per_epoch -
@@ -517,9 +581,11 @@ def build_shard_loader(
     """
     if batch_size_per_rank < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad batch/rank settings: B={batch_size_per_rank}, rank={rank}, world={world_size}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1 (views of each sample), got {repeats}")
     shard_set = resolve_shards(shards, num_samples=num_samples)
     if steps_per_epoch is None:
-        steps_per_epoch = default_steps_per_epoch(shard_set.num_samples, batch_size_per_rank, world_size)
+        steps_per_epoch = default_steps_per_epoch(shard_set.num_samples, batch_size_per_rank, world_size, repeats)
         if steps_per_epoch < 1:
             raise ValueError(f"{shard_set.num_samples} samples cannot fill one global batch of "
                              f"{batch_size_per_rank} x {world_size}")
@@ -527,7 +593,7 @@ def build_shard_loader(
         raise ValueError(f"start_step {start_step} outside [0, {steps_per_epoch}]")
     dataset = stream_cls(shard_set, transform, batch_size_per_rank, rank=rank, world_size=world_size,
                           epoch=epoch, seed=seed, steps_per_epoch=steps_per_epoch, start_step=start_step,
-                          shuffle_buffer=shuffle_buffer, return_keys=return_keys)
+                          shuffle_buffer=shuffle_buffer, return_keys=return_keys, repeats=repeats)
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=False, **extra)

@@ -8,20 +8,25 @@ encoder). One forward of each gives a ``SegOutputs``; a loss module compares the
     terms = loss_module(s_out, t_out, labels, progress)   # {'loss': weighted sum, 'loss_<term>': detached}
 
 ``terms['loss']`` already carries the paper's loss weight(s) and is *added* to the student's
-segmentation loss. Loss modules may own parameters (regressors, generators, projection heads):
-they train with the student and are discarded after training. Teacher tensors arrive without
-autograd history; a loss must never make the teacher require grad.
+segmentation loss, as ``loss_module.seg_term(seg_loss)`` (the segmentation loss itself unless a
+method's recipe rescales it, as LFD's does). Loss modules may own parameters (regressors,
+generators, projection heads) and state (buffers, e.g. BCKD's temperature): they train with the
+student, are saved in the stage-3 training checkpoints with it (so a resumed run restores them) and
+are discarded after training. Teacher tensors arrive without autograd history; a loss must never
+make the teacher require grad. Besides 'loss' and the 'loss_<term>' entries (which add up to
+'loss'), a loss may return detached diagnostics under other keys (e.g. 'raw_<term>', 'tau').
 """
 from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkd.tensors import EncoderInfo, SegOutputs
 
-__all__ = ["TaskKDLoss", "resize_to", "resize_labels", "teacher_map", "pixel_kl", "IGNORE_INDEX"]
+__all__ = ["TaskKDLoss", "resize_to", "resize_labels", "teacher_map", "pixel_kl", "self_normalised", "IGNORE_INDEX"]
 
 IGNORE_INDEX = 255
 
@@ -29,7 +34,8 @@ IGNORE_INDEX = 255
 class TaskKDLoss(nn.Module):
     """Base of the task-level distillation losses.
 
-    Subclasses set ``uses`` (which teacher outputs they read: "logits", "features") and
+    Subclasses set ``uses`` (which teacher outputs they read: "logits", "features", "head_feature";
+    the teacher's decoder runs only when "logits" is among them) and
     implement ``forward(s, t, labels, progress) -> dict`` with key 'loss' (weighted, differentiable)
     and 'loss_<term>' (detached) entries. ``labels``: [B, H, W] int64 train ids at the image size,
     255 = ignore. ``progress``: fraction of the training budget used before this step, in [0, 1)
@@ -48,6 +54,20 @@ class TaskKDLoss(nn.Module):
 
     def forward(self, s: SegOutputs, t: SegOutputs, labels: Tensor, progress: float) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def seg_term(self, seg_loss: Tensor) -> Tensor:
+        """The student's segmentation loss (scalar) as it enters the total: unchanged by default."""
+        return seg_loss
+
+
+def self_normalised(loss: Tensor, weight: float = 1.0) -> Tensor:
+    """``weight · loss / loss.detach()``: value ``weight``, gradient ``weight · ∇loss / loss``.
+
+    A scalar loss divided by its own detached value (LFD's training script does this to several
+    terms). Divided by the magnitude, so a slightly negative round-off value keeps its sign; a zero
+    loss stays zero instead of 0/0.
+    """
+    return weight * loss / loss.detach().abs().clamp_min(torch.finfo(loss.dtype).tiny)
 
 
 def resize_to(x: Tensor, like: Tensor) -> Tensor:

@@ -188,21 +188,32 @@ class ViTKD(TaskKDLoss):
     teacher maps are resized to the student's grid. With per-layer linear projections P_0,
     P_1 and P_d (Cs → Ct; identity when Cs == Ct, as in the official code):
 
-        L_mimic = α / B · Σ_{l∈{0,1}} Σ_{b,n,c} (P_l(S_l) − T_l)²
-        X       = P_d(S_last) with a random λ of its tokens replaced by a learned mask token
-        L_gen   = β / (λ·B) · Σ_{b, masked n, c} (G(X) − T_last)²
+        L_mimic = α / B · Σ_{l∈{0,1}} Σ_{b,n,c} (P_l(S_l) − T_l)²        S_l, T_l: block l, pre-norm
+        X       = P_d(norm_s(S_last)) with a random λ of its tokens replaced by a learned mask token
+        L_gen   = β / (λ·B) · Σ_{b, masked n, c} (G(X) − norm_t(T_last))²
         G       = conv3×3 → ReLU → conv3×3 (Ct → Ct, padding 1), run on the h×w grid
 
-    Defaults α = 3e-5, β = 3e-6, λ = 0.5 (paper and official ``ViTKDLoss``). The reduction
-    follows the official code: ``MSELoss(reduction='sum')`` divided by the batch size; the
-    generation term is restricted to the masked tokens (mask multiplied in) and further
-    divided by λ. Per sample, ``int(N·(1−λ))`` tokens are kept and the rest masked, positions
-    uniformly random (argsort of uniform noise, ``random_mask``); the mask token starts at 0.
+    norm_s / norm_t: each encoder's own final norm (``SegOutputs.last_norm``).
 
-    Open choices, fixed here: "block l" is the output of ViT block l (0-based) before any
-    final norm, and the deep layer is block ``depth−1`` of each encoder (so student and teacher
-    may have different depths); as ``SegOutputs`` carries patch tokens only, class/register
-    tokens are not distilled (the official code also drops them). ViT encoders only.
+    From the official code (yzd-v/cls_KD, branch 1.0): ``mmcls/models/dis_losses/vitkd.py``
+    (``ViTKDLoss``: the projections, mask token initialised at 0, generator, ``MSELoss(reduction=
+    'sum')`` divided by the batch size, the generation error multiplied by the mask and divided
+    by λ, ``random_masking`` by argsort of uniform noise keeping ``int(N·(1−λ))`` tokens); the
+    distilled tensors from ``mmcls/models/backbones/vision_transformer.py`` ``forward`` (lines
+    435-449): the shallow pair is the output of blocks 0 and 1 (no norm), the deep one is the last
+    block's output *after* the final norm (``x = self.norm1(x)`` for the last layer before
+    ``high_f = x[:, 1:]``). Student and teacher run the same backbone code, so the student's
+    deep tokens are also taken after its own final norm (``deit3.py`` does the same for the
+    DeiT III teachers). Weights α = 3e-5, β = 3e-6, λ = 0.5: every official ViTKD config
+    (``configs/distillers/imagenet/deit-s3_distill_deit-t_img.py`` lines 32-34, and the
+    deit-b3/deit-l3/deit-s ones) uses these values with these post-norm targets, i.e. the
+    official β for normalised targets equals the loss's default.
+
+    Open choices, fixed here: the deep layer is block ``depth−1`` of each encoder (student and
+    teacher may have different depths); as ``SegOutputs`` carries patch tokens only, class/
+    register tokens are not distilled (the official code also drops the class token); with a
+    segmentor built with ``feature_norm=True`` the shallow blocks are normed too (the default
+    segmentor takes raw block outputs). ViT encoders only.
     """
 
     uses: ClassVar[tuple[str, ...]] = ("features",)
@@ -238,7 +249,8 @@ class ViTKD(TaskKDLoss):
         )
 
     def blocks(self, info: EncoderInfo, role: str) -> list[int]:
-        return [0, 1, info.depth - 1]
+        # the deep (last) block comes normed in SegOutputs.last_norm
+        return [0, 1]
 
     def random_mask(self, batch: int, tokens: int, device: torch.device | str | None = None) -> Tensor:
         """[B, N] bool, True = masked; exactly N − int(N·(1−λ)) True per row, uniformly placed."""
@@ -252,7 +264,10 @@ class ViTKD(TaskKDLoss):
         return proj(x.movedim(1, -1)).movedim(-1, 1)
 
     def forward(self, s: SegOutputs, t: SegOutputs, labels: Tensor, progress: float) -> dict[str, Tensor]:
-        last_s, last_t = self.student_info.depth - 1, self.teacher_info.depth - 1
+        for role, out in (("student", s), ("teacher", t)):
+            if out.last_norm is None or any(l not in out.blocks for l in (0, 1)):
+                raise ValueError(f"ViTKD needs the {role}'s blocks 0, 1 and its final-norm last map "
+                                 "(SegOutputs.blocks / last_norm, given by a ViT Segmentor.distill_outputs)")
         batch = s.blocks[0].shape[0]
 
         mimic = s.blocks[0].new_zeros((), dtype=torch.float32)
@@ -261,12 +276,12 @@ class ViTKD(TaskKDLoss):
             mimic = mimic + (pred - _teacher(t.blocks[l], pred)).pow(2).sum()
         mimic = self.alpha * mimic / batch
 
-        x = self._project(self.gen_proj, s.blocks[last_s])        # [B, Ct, h, w]
+        x = self._project(self.gen_proj, s.last_norm)             # [B, Ct, h, w]
         _, ct, h, w = x.shape
         mask = self.random_mask(batch, h * w, x.device).view(batch, 1, h, w)
         x = torch.where(mask, self.mask_token.view(1, ct, 1, 1).to(x.dtype), x)
         gen = self.generator(x).float()                           # [B, Ct, h, w]
-        err = (gen - _teacher(t.blocks[last_t], gen)).pow(2) * mask
+        err = (gen - _teacher(t.last_norm, gen)).pow(2) * mask
         gen_loss = self.beta * err.sum() / (batch * self.mask_ratio)
 
         return {

@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from gkd.config import DistillConfig, to_container
+from gkd.config import ConfigError, DistillConfig, to_container
 from gkd.data import build_shard_loader, build_train_transform
-from gkd.data.wds import resolve_shards
+from gkd.data.wds import epoch_samples, resolve_shards
 from gkd.distill import build_objective
 from gkd.handoff import read_metadata, save_handoff
 from gkd.engine.compute import Budget, compute_metadata
@@ -85,6 +85,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     # ---- build ---------------------------------------------------------------------------------
     if cfg.heads.init not in HEAD_INITS:
         raise ValueError(f"heads.init must be one of {HEAD_INITS}, got {cfg.heads.init!r}")
+    if cfg.data.repeats < 1:
+        raise ConfigError(f"data.repeats must be >= 1 (augmented views of each image per epoch), got {cfg.data.repeats}")
     teacher = build_stage_teacher(cfg)  # seeds torch: identical initial weights on every rank
     cache = cfg.data.teacher_cache
     if cache:
@@ -100,7 +102,8 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     renorm = InputRenorm((teacher.mean, teacher.std), student_norm or (teacher.mean, teacher.std))
     model = DistillModel(student, objective, renorm)
     optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
-                           roles={"student": student, "heads": objective})
+                           roles={"student": student, "heads": objective},
+                           decay_rule="tokens" if cfg.optim.no_decay_tokens else "timm")
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher.to(accelerator.device)  # frozen, never wrapped by DDP
 
@@ -108,9 +111,13 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     # dataset splits their indexes record (this encoder's protocol record).
     shard_set = resolve_shards(cache or cfg.data.train_shards, num_samples=cfg.data.num_samples)
     num_samples = shard_set.num_samples
-    steps_per_epoch = num_samples // cfg.data.batch_size
+    # Epoch length as the authors' sampler counts it (RASampler for repeats > 1: about N views, not
+    # repeats × N, see gkd.data.wds.epoch_samples); a teacher cache's views are fixed, so no repeats.
+    per_epoch = epoch_samples(num_samples, _repeats(cfg))
+    steps_per_epoch = per_epoch // cfg.data.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{num_samples} training samples are fewer than one global batch ({cfg.data.batch_size})")
+        raise ValueError(f"{per_epoch} training samples per epoch (of {num_samples}, data.repeats={_repeats(cfg)}) "
+                         f"are fewer than one global batch ({cfg.data.batch_size})")
     total = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
     budget = Budget(cfg.budget.kind, cfg.budget.amount if cfg.budget.amount is not None else total)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -330,7 +337,9 @@ def build_stage_teacher(cfg: DistillConfig) -> nn.Module:
             "(timm hub) or, for smoke tests only, teacher.random_init=true"
         )
     return build_teacher(t.name, t.checkpoint, img_size=cfg.data.img_size, patch_size=t.patch_size,
-                         pretrained=t.pretrained and not t.checkpoint, **t.kwargs)
+                         pretrained=t.pretrained and not t.checkpoint, patch_resample=t.patch_resample,
+                         mean=None if t.mean is None else list(t.mean), std=None if t.std is None else list(t.std),
+                         **t.kwargs)
 
 
 def _check_cache(cache: str, teacher: nn.Module) -> None:
@@ -339,7 +348,8 @@ def _check_cache(cache: str, teacher: nn.Module) -> None:
 
     written = read_cache_meta(cache).get("teacher", {})
     diffs = [f"{k}: cache {written.get(k)!r}, config {teacher.spec.get(k)!r}"
-             for k in ("name", "checkpoint", "img_size", "patch_size", "embed_dim", "kwargs")
+             for k in ("name", "checkpoint", "img_size", "patch_size", "patch_resample", "mean", "std", "embed_dim",
+                       "kwargs")
              if written.get(k) != teacher.spec.get(k)]
     if diffs:
         raise ValueError(f"data.teacher_cache={cache} was written by another teacher setup:\n  " + "\n  ".join(diffs))
@@ -374,7 +384,7 @@ def _build_student(cfg: DistillConfig, teacher: nn.Module) -> tuple[nn.Module, d
         raise ValueError("give either student.init_from_teacher or student.checkpoint/pretrained, not both")
     student = build_student(
         name, img_size=cfg.data.img_size, grid=teacher.grid, checkpoint=cfg.init or s.checkpoint,
-        drop_path_rate=s.drop_path_rate, pretrained=s.pretrained, **kwargs,
+        drop_path_rate=s.drop_path_rate, pretrained=s.pretrained, patch_resample=s.patch_resample, **kwargs,
     )
     if not s.init_from_teacher:
         return student, None
@@ -394,7 +404,12 @@ def _batches(cfg: DistillConfig, transform, micro_batch: int, rank: int, world: 
         from gkd.data.teacher_cache import build_cache_loader
 
         return iter(build_cache_loader(cfg.data.teacher_cache, micro_batch, **kw))
-    return iter(build_shard_loader(cfg.data.train_shards, transform, micro_batch, **kw))
+    return iter(build_shard_loader(cfg.data.train_shards, transform, micro_batch, repeats=_repeats(cfg), **kw))
+
+
+def _repeats(cfg: DistillConfig) -> int:
+    """Augmented views per image per epoch: `data.repeats`, or 1 on a teacher cache (its views are stored)."""
+    return 1 if cfg.data.teacher_cache else cfg.data.repeats
 
 
 def _log_keys(out_dir: Path, rank: int, epoch: int, keys: list[str]) -> None:

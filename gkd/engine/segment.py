@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from gkd.config import SegmentConfig, to_container
+from gkd.config import SegDataConfig, SegmentConfig, to_container
 from gkd.data import build_dataset
 from gkd.data.seg_transforms import build_seg_train_transform
 from gkd.distill import EncoderInfo, SegOutputs, TaskKDLoss, build_task_loss, get_method
@@ -55,7 +55,7 @@ class SegTrainStep(nn.Module):
         blocks = self.kd.blocks(self.kd.student_info, "student")
         seg, student = self.segmentor.distill_outputs(images, labels, blocks)
         kd = self.kd(student, teacher, labels, progress)
-        return {"loss": seg["loss"] + kd["loss"], "loss_seg": seg["loss"].detach(), "loss_distill": kd["loss"].detach(),
+        return {"loss": self.kd.seg_term(seg["loss"]) + kd["loss"], "loss_seg": seg["loss"].detach(), "loss_distill": kd["loss"].detach(),
                 **{k: v for k, v in seg.items() if k != "loss"}, **{k: v.detach() for k, v in kd.items() if k != "loss"}}
 
 
@@ -71,9 +71,10 @@ def encoder_info(segmentor: Segmentor) -> EncoderInfo:
     """The shapes a task-level loss builds its layers from."""
     enc = segmentor.encoder
     if enc.kind == "vit":
-        return EncoderInfo("vit", int(enc.embed_dim), int(enc.depth), segmentor.decoder.in_channels)
+        return EncoderInfo("vit", int(enc.embed_dim), int(enc.depth), segmentor.decoder.in_channels,
+                           segmentor.decoder.head_channels)
     last = int(enc.encoder.feature_info[-1]["num_chs"])
-    return EncoderInfo("cnn", last, 0, segmentor.decoder.in_channels)
+    return EncoderInfo("cnn", last, 0, segmentor.decoder.in_channels, segmentor.decoder.head_channels)
 
 
 def check_method(cfg: SegmentConfig) -> None:
@@ -89,6 +90,32 @@ def check_method(cfg: SegmentConfig) -> None:
             f"method {method!r} distils the teacher segmentor's {uses}, but no teacher segmentor is given: set "
             "teacher=<segmentor.safetensors> (stage 3 run on the frozen teacher encoder; `gkd teacher-encoder` "
             "writes that encoder)")
+
+
+def check_recipe(cfg: SegmentConfig, train_encoder: bool) -> None:
+    """Encoder fine-tuning options need a trained encoder (they would do nothing on a frozen one)."""
+    if not train_encoder and (cfg.optim.encoder_lr_scale != 1.0 or cfg.encoder_drop_path > 0):
+        raise ValueError("optim.encoder_lr_scale and encoder_drop_path apply to a trained encoder: set "
+                         "train_encoder=true (or a task-level method.name), or leave them at 1.0 and 0")
+    if cfg.optim.encoder_lr_scale < 0 or not 0 <= cfg.encoder_drop_path < 1:
+        raise ValueError(f"optim.encoder_lr_scale must be >= 0 and encoder_drop_path in [0, 1), got "
+                         f"{cfg.optim.encoder_lr_scale} and {cfg.encoder_drop_path}")
+
+
+def encoder_recipe(cfg: SegmentConfig, train_encoder: bool) -> dict[str, Any]:
+    """The protocol's record of what stage 3 did to the encoder (the report's "Encoder" column)."""
+    if not train_encoder:
+        return {"trained": False}
+    return {"trained": True, "lr_scale": float(cfg.optim.encoder_lr_scale), "drop_path": float(cfg.encoder_drop_path)}
+
+
+def check_resize(d: Any) -> None:
+    """`data.scale`/`data.ratio_range` only act with `data.short_edges=null`: setting them beside the
+    authors' short-edge list would change nothing, which is refused rather than ignored."""
+    default = SegDataConfig()
+    if d.short_edges is not None and (list(d.scale) != default.scale or list(d.ratio_range) != default.ratio_range):
+        raise ValueError("data.scale / data.ratio_range apply only to the keep-ratio resize: set data.short_edges=null "
+                         f"to use them (data.short_edges={list(d.short_edges)} draws the short side instead)")
 
 
 def load_teacher_segmentor(path: str, class_names: list[str]) -> Segmentor:
@@ -131,6 +158,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     method = cfg.method.name
     kd_method = method != "none"
     train_encoder = kd_method if cfg.train_encoder is None else cfg.train_encoder
+    check_recipe(cfg, train_encoder)
     accelerator = make_accelerator(cfg, find_unused_parameters=train_encoder)
     out_dir = Path(cfg.out_dir)
     accum = cfg.optim.grad_accum
@@ -138,8 +166,10 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
 
     # ---- build ---------------------------------------------------------------------------------
     d = cfg.data
+    check_resize(d)
     transform = build_seg_train_transform(crop_size=d.crop_size, scale=tuple(d.scale), ratio_range=tuple(d.ratio_range),
-                                          cat_max_ratio=d.cat_max_ratio, photometric=d.photometric)
+                                          cat_max_ratio=d.cat_max_ratio, photometric=d.photometric,
+                                          short_edges=d.short_edges, max_size=d.max_size)
     dataset = build_dataset(d.manifest, d.split, root=d.root, transform=transform, on_bad=d.on_bad)
     subset = label_subset(len(dataset), d.fraction, cfg.seed)
     if accelerator.is_main_process and d.fraction < 1:  # which labelled images a label-efficient run saw
@@ -153,7 +183,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     teacher = load_teacher_segmentor(cfg.teacher, list(dataset.classes)) if kd_method else None
 
     torch.manual_seed(cfg.seed)
-    encoder, input_norm = load_encoder_for_segmentor(cfg.encoder)
+    encoder, input_norm = load_encoder_for_segmentor(cfg.encoder, drop_path_rate=cfg.encoder_drop_path)
     if input_norm is None:
         raise ValueError(f"{cfg.encoder} records no input normalisation (gkd_input_norm): re-export it with this version")
     segmentor = build_segmentor(encoder, decoder=cfg.decoder.name, num_classes=dataset.num_classes,
@@ -168,7 +198,12 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
         teacher_blocks = kd.blocks(kd.teacher_info, "teacher")
         teacher_logits = "logits" in kd.uses  # else the teacher's decoder is not run (nor paid for)
     model = SegTrainStep(segmentor, kd)
-    optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
+    optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), roles=(
+        {"encoder": segmentor.encoder, "decoder": segmentor.decoder, **({"distill": kd} if kd else {})}
+        if train_encoder else None), decay_rule="mmseg")
+    for group in optimizer.param_groups:  # a fine-tuned encoder may learn slower than the decoder
+        if group.get("role") == "encoder":
+            group["lr_scale"] = float(cfg.optim.encoder_lr_scale)
     loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True,
                         num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=d.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
@@ -208,7 +243,8 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
         selector.evaluate(segmentor, accelerator, trainer.step_index, snapshot)
     compute = trainer.finish()
     selector.restore_best(snapshot)
-    protocol = {**selector.record(), "encoder": read_metadata(cfg.encoder).get("gkd_protocol")}
+    protocol = {**selector.record(), "encoder": read_metadata(cfg.encoder).get("gkd_protocol"),
+                "encoder_recipe": encoder_recipe(cfg, train_encoder)}
     if kd_method:  # the teacher segmentor's own source data is part of this run's lineage
         protocol["teacher"] = read_metadata(cfg.teacher).get("gkd_protocol")
     trainer.metrics.write({"event": "selection", **protocol["selection"]})

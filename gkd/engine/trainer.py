@@ -22,10 +22,10 @@ from gkd.engine.compute import Budget, count_flops
 
 log = logging.getLogger(__name__)
 
-# Parameters that are embeddings or tokens: no weight decay, as in DeiT/DINOv2 training and
-# mmseg's Mask2Former recipe (query and level embeddings).
-_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "mask_token", "reg_token", "register_tokens",
-                      "queries_embedder.weight", "queries_features.weight", "level_embed", "level_embed.weight")
+# Embeddings and tokens: spared from weight decay under the "tokens" rule (DeiT/DINOv2 training);
+# the Mask2Former query / level embeddings are also what mmseg's stage-3 recipe spares ("mmseg").
+_QUERY_SUFFIXES = ("queries_embedder.weight", "queries_features.weight", "level_embed", "level_embed.weight")
+_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "mask_token", "reg_token", "register_tokens", *_QUERY_SUFFIXES)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,19 +50,20 @@ def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False) -> Ac
 
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-               roles: Mapping[str, nn.Module] | None = None) -> torch.optim.AdamW:
+               roles: Mapping[str, nn.Module] | None = None, decay_rule: str = "timm") -> torch.optim.AdamW:
     """AdamW over ``param_groups``, fused (one kernel for all parameters) where torch has it for the
     parameters' device — CPU and CUDA in torch >= 2.4: about 8× faster than the per-parameter loop
     for a ViT-S on CPU, same update (see tests/test_fast_paths.py).
 
     roles: name → submodule that together hold every trainable parameter of `model`; their groups carry
     ``"role": name`` and an ``"lr_scale"`` (1.0) that ``Trainer.step`` multiplies the step's lr by, so a
-    loop can hold one part still (e.g. the student while the heads warm up)."""
+    loop can hold one part still (e.g. the student while the heads warm up).
+    decay_rule: which parameters get no weight decay, see ``param_groups``."""
     if roles is None:
-        groups = param_groups(model, weight_decay)
+        groups = param_groups(model, weight_decay, decay_rule)
     else:
         groups = [{**g, "role": name, "lr_scale": 1.0} for name, part in roles.items()
-                  for g in param_groups(part, weight_decay) if g["params"]]
+                  for g in param_groups(part, weight_decay, decay_rule) if g["params"]]
         covered = {id(p) for g in groups for p in g["params"]}
         stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if stray:
@@ -73,16 +74,34 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[fl
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices and kernels; spare biases, norms, tokens and position tables."""
+DECAY_RULES = ("timm", "tokens", "mmseg")
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "timm") -> list[dict[str, Any]]:
+    """AdamW groups [decay, no decay] over the trainable parameters of `model`. Spared from decay:
+
+    * ``"timm"`` (stages 1-2, the authors' ``create_optimizer(args, model)``; their MetaArch defines no
+      ``no_weight_decay``): 1-D parameters (biases, norm weights, LayerScale gammas) and ``*.bias``, so
+      ``pos_embed``, ``cls_token`` and ``mask_token`` are decayed like every matrix;
+    * ``"tokens"``: also tokens, position tables and query / level embeddings (``_NO_DECAY_SUFFIXES``);
+    * ``"mmseg"`` (stage 3, the authors' task_learning configs: ``norm_decay_mult=0`` and decay_mult 0
+      for ``norm``, ``query_embed``, ``query_feat``, ``level_embed``): parameters of norm layers or
+      with "norm" in their name, and the Mask2Former query / level embeddings; biases are decayed.
+    """
+    if rule not in DECAY_RULES:
+        raise ValueError(f"weight-decay rule must be one of {DECAY_RULES}, got {rule!r}")
+    in_norm = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if isinstance(mod, _NORMS)
+               for n, _ in mod.named_parameters(recurse=False)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(_NO_DECAY_SUFFIXES):
-            no_decay.append(p)
+        if rule == "mmseg":
+            spared = name in in_norm or "norm" in name or name.endswith(_QUERY_SUFFIXES)
         else:
-            decay.append(p)
+            spared = p.ndim <= 1 or name.endswith(".bias") or (rule == "tokens" and name.endswith(_NO_DECAY_SUFFIXES))
+        (no_decay if spared else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -169,10 +169,10 @@ def protocol_lines(results: Mapping[str, Any]) -> list[str]:
         size = f"resize {'×'.join(map(str, resize))} (keep ratio)" if isinstance(resize, list) else "original size"
         lines.append(f"  - {t['name']}: `{entry.get('dataset', t['manifest'])}` split `{t['split']}`, "
                      f"{entry.get('num_images', '?')} images, {size}")
-    rows = [[m["name"], str(m.get("seed", "–")), _source_text(p), _selection_text(p), _checked_text(p)]
-            for m in results["models"] for p in [m.get("protocol") or {}]]
-    lines += ["", *md_table(["Model", "Seed", "Source (training)", "Model selection", "Checked against the targets"],
-                            rows, left=5), ""]
+    rows = [[m["name"], str(m.get("seed", "–")), _source_text(p), _encoder_text(p), _selection_text(p),
+             _checked_text(p)] for m in results["models"] for p in [m.get("protocol") or {}]]
+    lines += ["", *md_table(["Model", "Seed", "Source (training)", "Encoder in stage 3", "Model selection",
+                             "Checked against the targets"], rows, left=6), ""]
     exports = [(m["name"], e) for m in results["models"] for e in m.get("submissions", [])]
     if exports:
         lines += ["Test-server exports (same inference; upload the zip):", ""]
@@ -193,6 +193,17 @@ def _source_text(p: Mapping[str, Any]) -> str:
         text += f" ({100 * src['fraction']:g} % used)"
     teacher = (p.get("teacher") or {}).get("source")
     return text + (f"; teacher segmentor: `{teacher['manifest']}` `{teacher['split']}`" if teacher else "")
+
+
+def _encoder_text(p: Mapping[str, Any]) -> str:
+    recipe = p.get("encoder_recipe")
+    if not recipe:
+        return "not recorded"
+    if not recipe.get("trained"):
+        return "frozen"
+    extras = [f"lr ×{recipe['lr_scale']:g}" if recipe.get("lr_scale", 1) != 1 else "",
+              f"drop path {recipe['drop_path']:g}" if recipe.get("drop_path") else ""]
+    return "trained" + (f" ({', '.join(e for e in extras if e)})" if any(extras) else "")
 
 
 def _selection_text(p: Mapping[str, Any]) -> str:

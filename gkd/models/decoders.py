@@ -6,7 +6,10 @@ built-in segmentor: four maps at strides 4, 8, 16, 32), and offers
 * ``forward(features)``: the raw outputs (logits);
 * ``predict(features, size) -> [B, K, H, W]``: per-class scores at ``size`` (argmax = prediction);
 * ``loss(features, labels [B, H, W] int64, 255 = ignore) -> dict``: ``loss`` (to backpropagate) and
-  detached terms for logging.
+  detached terms for logging;
+* ``distill_forward(features, labels=None) -> (loss or None, logits, head feature)``: what task-level
+  distillation reads, from one forward: per-class scores at the decoder's output resolution and the
+  per-pixel feature its classifier reads (``head_channels`` channels, see each decoder).
 
 Decoders are picked by name from ``DECODERS``; ``build_decoder(name, in_channels, num_classes, **kw)``.
 A decoder's ``kwargs`` (all constructor arguments except ``in_channels`` / ``num_classes``) are what a
@@ -48,6 +51,7 @@ class Decoder(nn.Module):
 
     num_classes: int
     in_channels: tuple[int, ...]
+    head_channels: int  # channels of the feature the classifier reads (``distill_forward``'s third output)
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, kwargs: dict[str, Any]) -> None:
         super().__init__()
@@ -84,13 +88,21 @@ class Decoder(nn.Module):
         """The training loss: dict with 'loss' (differentiable) and detached 'loss_*' terms."""
         return self.loss_and_logits(features, labels)[0]
 
-    def logits(self, features: Sequence[Tensor]) -> Tensor:  # pragma: no cover
-        """Per-class scores [B, K, h, w] at the decoder's output resolution, for distillation."""
+    def distill_forward(self, features: Sequence[Tensor], labels: Tensor | None = None
+                        ) -> tuple[dict[str, Tensor] | None, Tensor, Tensor]:  # pragma: no cover
+        """One decoder forward for distillation: (``loss(features, labels)`` or None without labels,
+        per-class scores [B, K, h, w] at the decoder's output resolution, the per-pixel feature its
+        classifier reads [B, head_channels, h, w] on the same grid)."""
         raise NotImplementedError
 
-    def loss_and_logits(self, features: Sequence[Tensor], labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:  # pragma: no cover
+    def logits(self, features: Sequence[Tensor]) -> Tensor:
+        """Per-class scores [B, K, h, w] at the decoder's output resolution, for distillation."""
+        return self.distill_forward(features)[1]
+
+    def loss_and_logits(self, features: Sequence[Tensor], labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """``(loss(features, labels), logits(features))`` from one decoder forward."""
-        raise NotImplementedError
+        terms, logits, _ = self.distill_forward(features, labels)
+        return terms, logits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,6 +114,10 @@ class MLPDecoder(Decoder):
 
     in_channels: channels of each input level; channels: the common embedding width (256 in SegFormer);
     dropout: before the classifier (0.1 in SegFormer).
+
+    The head's feature before its classifier (``fused``, ``head_channels`` = ``channels``) is the
+    fused map: per-level Linear → upsampling → 1×1 fusion conv → BatchNorm → ReLU → dropout, i.e.
+    exactly the tensor the final 1×1 classifier reads (dropout included, as the classifier sees it).
     """
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256, dropout: float = 0.1) -> None:
@@ -118,30 +134,48 @@ class MLPDecoder(Decoder):
             reshape_last_stage=True,
         )
         self.head = SegformerDecodeHead(config)  # PyTorch default init, as in SegFormer's head
+        self.head_channels = int(channels)
+
+    def fused(self, features: Sequence[Tensor]) -> Tensor:
+        """features -> the fused map the classifier reads, [B, channels, H_0, W_0].
+
+        ``SegformerDecodeHead.forward`` up to its classifier, run with the head's own modules (so
+        ``head.classifier(fused(f)) == head(f)``; a test checks it against the head itself).
+        """
+        self._check_features(features)
+        head, size = self.head, features[0].shape[-2:]
+        levels = []
+        for x, proj in zip(features, head.linear_projections):
+            b, _, h, w = x.shape
+            y = proj(x).transpose(1, 2).reshape(b, -1, h, w)  # per-pixel Linear to `channels`
+            levels.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        y = head.linear_fuse(torch.cat(levels[::-1], dim=1))  # deepest level first, as in SegFormer
+        return head.dropout(head.activation(head.batch_norm(y)))
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """features -> logits [B, K, H_0, W_0] at the first (finest) level's resolution."""
-        self._check_features(features)
-        return self.head(list(features))
+        return self.head.classifier(self.fused(features))
 
     def predict(self, features: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         """Logits bilinearly upsampled to ``size``: [B, K, H, W]."""
         return F.interpolate(self(features), size=tuple(size), mode="bilinear", align_corners=False)
 
-    def logits(self, features: Sequence[Tensor]) -> Tensor:
-        """The head's logits [B, K, H_0, W_0] (stride 4)."""
-        return self(features)
+    def distill_forward(self, features: Sequence[Tensor], labels: Tensor | None = None
+                        ) -> tuple[dict[str, Tensor] | None, Tensor, Tensor]:
+        """(pixel cross-entropy or None, logits [B, K, H_0, W_0] (stride 4), fused map [B, channels, H_0, W_0])."""
+        fused = self.fused(features)
+        small = self.head.classifier(fused)
+        return (None if labels is None else self._cross_entropy(small, labels)), small, fused
 
-    def loss_and_logits(self, features: Sequence[Tensor], labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Pixel cross-entropy of the logits upsampled to the label size (255 ignored), and the logits."""
-        small = self(features)
+    def _cross_entropy(self, small: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Pixel cross-entropy of the logits upsampled to the label size (255 ignored)."""
         logits = F.interpolate(small, size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
         self._check_labels(labels, logits.shape[0])
         if not bool((labels != IGNORE_INDEX).any()):
             ce = logits.sum() * 0.0  # every pixel ignored: zero loss (mean over no pixel would be NaN)
         else:
             ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-        return {"loss": ce, "loss_ce": ce.detach()}, small
+        return {"loss": ce, "loss_ce": ce.detach()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +242,11 @@ class Mask2FormerDecoder(Decoder):
     The four input levels must have strides 4, 8, 16, 32 (the pixel decoder attends over the last
     three and adds the first through its FPN branch). ``num_layers`` counts transformer layers: the
     transformers config's ``decoder_layers`` is ``num_layers + 1`` (one prediction before the first layer).
+
+    "The feature before the classifier" (``distill_forward``'s third output, ``head_channels`` =
+    ``hidden_dim``): Mask2Former classifies queries, not pixels, so its last per-pixel map is the
+    pixel decoder's ``mask_features`` [B, hidden_dim, H_0, W_0] (stride 4), the map every query's
+    mask embedding is dotted with to give the mask logits that the semantic scores are built from.
     """
 
     def __init__(
@@ -281,6 +320,7 @@ class Mask2FormerDecoder(Decoder):
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(self.in_channels))
         self.transformer = Mask2FormerTransformerModule(in_features=hidden_dim, config=config)
         self.class_predictor = nn.Linear(hidden_dim, self.num_classes + 1)
+        self.head_channels = int(hidden_dim)
         self.weights = {"loss_cross_entropy": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weights)
         _init_like_transformers(self, config)
@@ -290,7 +330,8 @@ class Mask2FormerDecoder(Decoder):
 
         ``class_logits`` [B, Q, K + 1] and ``mask_logits`` [B, Q, H_0, W_0] (at the first level's
         resolution) of the last layer; ``aux``: the same for every earlier prediction (list of dicts,
-        first = before any transformer layer).
+        first = before any transformer layer); ``mask_features``: the pixel decoder's per-pixel map
+        [B, hidden_dim, H_0, W_0] the mask logits are read from.
         """
         self._check_features(features)
         pixel = self.pixel_decoder(list(features), output_attentions=False, output_hidden_states=False, return_dict=True)
@@ -302,7 +343,8 @@ class Mask2FormerDecoder(Decoder):
         class_logits = [self.class_predictor(h.transpose(0, 1)) for h in dec.intermediate_hidden_states]
         masks = list(dec.masks_queries_logits)
         aux = [{"class_queries_logits": c, "masks_queries_logits": m} for c, m in zip(class_logits[:-1], masks[:-1])]
-        return {"class_logits": class_logits[-1], "mask_logits": masks[-1], "aux": aux}
+        return {"class_logits": class_logits[-1], "mask_logits": masks[-1], "aux": aux,
+                "mask_features": pixel.mask_features}
 
     def predict(self, features: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         """Semantic scores [B, K, H, W] at ``size`` (see ``semantic_inference``)."""
@@ -315,18 +357,17 @@ class Mask2FormerDecoder(Decoder):
         softmax over classes gives the scores normalised per pixel (Mask2Former has no pixel logits)."""
         return semantic_inference(out["class_logits"].float(), out["mask_logits"].float()).clamp_min(1e-6).log()
 
-    def logits(self, features: Sequence[Tensor]) -> Tensor:
-        """[B, K, H_0, W_0]: see ``_semantic_logits``."""
-        return self._semantic_logits(self(features))
-
     def loss(self, features: Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
         """The set loss alone (see ``_set_loss``): no distillation logits are computed."""
         return self._set_loss(self(features), labels)
 
-    def loss_and_logits(self, features: Sequence[Tensor], labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """The set loss and the distillation logits of the same forward."""
+    def distill_forward(self, features: Sequence[Tensor], labels: Tensor | None = None
+                        ) -> tuple[dict[str, Tensor] | None, Tensor, Tensor]:
+        """(set loss or None, semantic log-scores [B, K, H_0, W_0] (``_semantic_logits``), the pixel
+        decoder's ``mask_features`` [B, hidden_dim, H_0, W_0]) of one forward."""
         out = self(features)
-        return self._set_loss(out, labels), self._semantic_logits(out)
+        terms = None if labels is None else self._set_loss(out, labels)
+        return terms, self._semantic_logits(out), out["mask_features"]
 
     def _set_loss(self, out: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
         """Hungarian-matched set loss against the semantic labels (one target mask per present class).

@@ -8,6 +8,15 @@ Two position-embedding rules exist and give different tokens away from the nativ
   (antialias on, for the register models). It is what the teachers must reproduce.
 * timm's ``resample_abs_pos_embed`` (bicubic to ``size``, antialias on) — used by timm at load time
   and for ``dynamic_img_size``; we use it for students, whose position embeddings are trained anyway.
+
+Two patch-kernel rules (``PATCH_RESAMPLE_RULES``), e.g. for the stage-2 teacher's 14 → 16 px kernel:
+
+* ``"bicubic"`` — the authors' (GKD ``general_distillation/distillation_models_{deit,dino}.py``
+  ``interpolate_patch_embed_``): ``F.interpolate(kernel.float(), size=(p, p), mode="bicubic",
+  align_corners=False)``, antialias off, no rescaling. A 16-px kernel made this way sums over
+  (16/14)² ≈ 1.31× as many pixels, so patch embeddings grow by about that factor.
+* ``"pinv"`` — FlexiViT's pseudo-inverse resize (timm ``resample_patch_embed``): a p-px patch that
+  is the resize of a p0-px patch gives the same projection (exact when upsampling).
 """
 from __future__ import annotations
 
@@ -22,6 +31,9 @@ __all__ = [
     "official_pos_embed",
     "timm_pos_embed",
     "resample_patch_conv",
+    "bicubic_patch_embed",
+    "resample_kernel",
+    "PATCH_RESAMPLE_RULES",
     "infer_pos_grid",
     "resample_abs_pos_embed",
     "resample_patch_embed",
@@ -66,11 +78,28 @@ def timm_pos_embed(patch_pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple
     return resample_abs_pos_embed(patch_pos, new_size=list(dst_grid), old_size=list(src_grid), num_prefix_tokens=0)
 
 
-def resample_patch_conv(conv: nn.Conv2d, patch_size: int) -> nn.Conv2d:
-    """A new patchify conv with kernel = stride = ``patch_size`` and FlexiViT PI-resized weights.
+PATCH_RESAMPLE_RULES = ("bicubic", "pinv")
 
-    conv.weight: [C, 3, p0, p0] -> [C, 3, p, p] via timm's ``resample_patch_embed`` (pseudo-inverse
-    resize: a p-px patch gives the same projection as the p0-px patch it is a resize of).
+
+def bicubic_patch_embed(weight: Tensor, size: tuple[int, int] | list[int]) -> Tensor:
+    """The authors' kernel rule: [C, 3, p0, p0] -> [C, 3, p, p] by a bicubic ``F.interpolate`` of the
+    kernel itself (align_corners=False, antialias off), computed in float32, no rescaling."""
+    out = F.interpolate(weight.float(), size=tuple(size), mode="bicubic", align_corners=False)
+    return out.to(weight.dtype)
+
+
+def resample_kernel(weight: Tensor, size: list[int], rule: str) -> Tensor:
+    """[C, 3, p0, p0] -> [C, 3, *size] by ``rule`` (one of ``PATCH_RESAMPLE_RULES``)."""
+    if rule not in PATCH_RESAMPLE_RULES:
+        raise ValueError(f"patch_resample must be one of {PATCH_RESAMPLE_RULES}, got {rule!r}")
+    return bicubic_patch_embed(weight, size) if rule == "bicubic" else resample_patch_embed(weight, size)
+
+
+def resample_patch_conv(conv: nn.Conv2d, patch_size: int, *, rule: str) -> nn.Conv2d:
+    """A new patchify conv with kernel = stride = ``patch_size`` and resampled weights (bias kept).
+
+    conv.weight: [C, 3, p0, p0] -> [C, 3, p, p] with ``rule``: ``"bicubic"`` (``bicubic_patch_embed``,
+    the authors') or ``"pinv"`` (timm's ``resample_patch_embed``, FlexiViT pseudo-inverse resize).
     """
     new = nn.Conv2d(
         conv.in_channels,
@@ -82,7 +111,7 @@ def resample_patch_conv(conv: nn.Conv2d, patch_size: int) -> nn.Conv2d:
         dtype=conv.weight.dtype,
     )
     with torch.no_grad():
-        new.weight.copy_(resample_patch_embed(conv.weight.detach(), [patch_size, patch_size]))
+        new.weight.copy_(resample_kernel(conv.weight.detach(), [patch_size, patch_size], rule))
         if conv.bias is not None:
             new.bias.copy_(conv.bias.detach())
     new.weight.requires_grad_(conv.weight.requires_grad)

@@ -38,7 +38,7 @@ from gkd.tensors import SegOutputs
 
 from .decoders import IGNORE_INDEX, Decoder, build_decoder
 from .student import Student, build_student_from_spec
-from .teacher import jsonable
+from .teacher import final_norm, jsonable
 
 __all__ = [
     "Segmentor",
@@ -188,9 +188,10 @@ class Segmentor(nn.Module):
         return self._encode(x, with_last=False)[0]
 
     def _encode(self, x: Tensor, blocks: Sequence[int] = (), with_last: bool = True
-                ) -> tuple[list[Tensor], Tensor | None, dict[int, Tensor]]:
-        """(the 4 decoder inputs, the encoder's last map if ``with_last``, ViT block maps for ``blocks``)
-        in one pass; nothing past the deepest requested block/stage is computed."""
+                ) -> tuple[list[Tensor], Tensor | None, dict[int, Tensor], Tensor | None]:
+        """(the 4 decoder inputs, the encoder's last map if ``with_last``, ViT block maps for ``blocks``,
+        the ViT's last map after its final norm if ``with_last``) in one pass; nothing past the deepest
+        requested block/stage is computed."""
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             if self.encoder.kind == "vit":
                 depth = self.encoder.depth
@@ -203,7 +204,7 @@ class Segmentor(nn.Module):
                 ]
                 rest = maps[len(self.layers):]
                 last = rest.pop(0) if with_last else None
-                return features, last, dict(zip(blocks, rest))
+                return features, last, dict(zip(blocks, rest)), self._final_norm(last)
             if blocks:
                 raise ValueError("block outputs are a ViT notion; this encoder is a CNN")
             # timm's forward_intermediates returns the feature_info stage maps (same modules as forward),
@@ -211,7 +212,17 @@ class Segmentor(nn.Module):
             last = len(self.encoder.encoder.feature_info) - 1
             wanted = sorted({*self.layers, last} if with_last else set(self.layers))
             maps = dict(zip(wanted, self.encoder.encoder.forward_intermediates(x, indices=wanted, intermediates_only=True)))
-            return [maps[i] for i in self.layers], maps[last] if with_last else None, {}
+            return [maps[i] for i in self.layers], maps[last] if with_last else None, {}, None
+
+    def _final_norm(self, last: Tensor | None) -> Tensor | None:
+        """ViT last-block map [B,C,h,w] -> the same tokens after the encoder's final norm (the map
+        ``last`` is already normed with ``feature_norm``). The norm acts per token, so it is applied
+        to the [B, h·w, C] token sequence and folded back."""
+        if last is None or self.feature_norm:
+            return last
+        b, c, h, w = last.shape
+        tokens = final_norm(self.encoder.encoder, last.flatten(2).transpose(1, 2))
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
 
     def distill_outputs(self, images: Tensor, labels: Tensor | None = None, blocks: Sequence[int] = (),
                         logits: bool = True) -> tuple[dict[str, Tensor] | None, SegOutputs]:
@@ -219,16 +230,19 @@ class Segmentor(nn.Module):
 
         images [B,3,H,W] in [0,1]; labels [B,H,W] (255 ignore) or None (teacher side). The outputs
         are those of the padded input (sides multiples of ``size_divisor``). ``logits=False`` (teacher
-        side, for losses that read features only) skips the decoder: ``SegOutputs.logits`` is None.
+        side, for losses that read features only) skips the decoder: ``SegOutputs.logits`` and
+        ``head_feature`` are None.
         """
         x = self._pad(self.normalize(images), 0.0)
-        features, last, block_maps = self._encode(x, blocks)
-        if labels is None:
-            return None, SegOutputs(self.decoder.logits(features) if logits else None, features, last, block_maps)
-        if labels.shape != (images.shape[0], *images.shape[-2:]):
+        features, last, block_maps, last_norm = self._encode(x, blocks)
+        if labels is not None and labels.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
-        terms, logits = self.decoder.loss_and_logits(features, self._pad(labels, IGNORE_INDEX))
-        return terms, SegOutputs(logits, features, last, block_maps)
+        terms, scores, head = None, None, None
+        if labels is not None:
+            terms, scores, head = self.decoder.distill_forward(features, self._pad(labels, IGNORE_INDEX))
+        elif logits:
+            _, scores, head = self.decoder.distill_forward(features)
+        return terms, SegOutputs(scores, features, last, block_maps, last_norm=last_norm, head_feature=head)
 
     def _pad(self, x: Tensor, value: float) -> Tensor:
         """Zero/``value``-pad the last two dims at the bottom/right to multiples of ``size_divisor``."""
@@ -378,13 +392,14 @@ def load_segmentor(path: str | Path) -> tuple[Segmentor, dict[str, Any]]:
 
 
 def load_encoder_for_segmentor(
-    path: str | Path, expected_spec: Mapping[str, Any] | None = None
+    path: str | Path, expected_spec: Mapping[str, Any] | None = None, drop_path_rate: float = 0.0
 ) -> tuple[Student, dict[str, list[float]] | None]:
     """Rebuild the student of a stage-1/2 ``encoder.safetensors`` from its spec and load it strictly.
 
     expected_spec: if given, every key it has (e.g. ``name``, ``embed_dim``, or a whole student spec)
-    must equal the file's, else the file is refused. Returns (student, input_norm or None), where
-    input_norm = {"mean": [...], "std": [...]} as recorded by stages 1-2.
+    must equal the file's, else the file is refused. drop_path_rate: stochastic depth for an encoder
+    that stage 3 fine-tunes (a training setting, not in the spec). Returns (student, input_norm or
+    None), where input_norm = {"mean": [...], "std": [...]} as recorded by stages 1-2.
     """
     meta = read_metadata(path)
     spec = meta["gkd_spec"]
@@ -394,6 +409,6 @@ def load_encoder_for_segmentor(
         diffs = spec_mismatch(dict(expected_spec), {k: spec.get(k, "<absent>") for k in expected_spec})
         if diffs:
             raise ValueError(f"{path} holds another encoder than expected; refusing it:\n  " + "\n  ".join(diffs))
-    student = build_student_from_spec(spec)
+    student = build_student_from_spec(spec, drop_path_rate=drop_path_rate)
     load_handoff(path, student, student.spec)
     return student, meta.get("gkd_input_norm")

