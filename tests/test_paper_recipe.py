@@ -171,3 +171,43 @@ def test_schema_defaults_are_the_authors() -> None:
     with pytest.raises(ValueError, match="patch_resample"):
         build_stage_teacher(load_config(DistillConfig, [], ["data.train_shards=x.tar", *TINY_TEACHER,
                                                              "teacher.patch_size=16", "teacher.patch_resample=area"]))
+
+
+@pytest.mark.parametrize("file", ["dinov2b_to_vits.yaml", "dinov2l_to_vitb.yaml", "dinov2b_to_dino_vits.yaml"])
+def test_stage1_configs_resolve_to_the_authors_schedule(file: str) -> None:
+    """main.py + train_script/*.sh: 100 epochs × 512 (4 × 128), lr 5e-4 × 512/512, cosine to 1e-5, no warm-up,
+    no clipping, AdamW betas (0.9, 0.999), RASampler ×3, the DeiT augmentation."""
+    cfg = load_config(DistillConfig, [STAGE1 / file], ["data.train_shards=x.tar"])
+    o, d = cfg.optim, cfg.data
+    assert (o.epochs, d.batch_size, o.lr, o.lr_base_batch, o.min_lr) == (100, 512, 5e-4, 512, 1e-5)
+    assert o.grad_clip is None and list(o.betas) == [0.9, 0.999] and o.weight_decay == 0.05
+    assert d.repeats == 3 and d.img_size == 224 and cfg.student.patch_resample == "bicubic"
+    assert (list(d.aug.scale), d.aug.hflip, d.aug.auto_augment, d.aug.re_prob, d.aug.interpolation) == \
+        ([0.08, 1.0], 0.5, "rand-m9-mstd0.5-inc1", 0.25, "bicubic")
+    assert cfg.method.name == "gkd"
+
+
+@pytest.mark.parametrize("file", ["cityscapes_vits.yaml", "gta5_vits.yaml", "potsdam_vits.yaml"])
+def test_stage2_configs_resolve_to_the_authors_schedule(file: str) -> None:
+    cfg = load_config(DistillConfig, [STAGE2 / file], ["data.train_shards=x.tar"])
+    assert (cfg.optim.epochs, cfg.data.batch_size, cfg.data.img_size, cfg.data.repeats) == (300, 128, 512, 3)
+    assert cfg.optim.warmup_epochs == 0.0 and cfg.optim.grad_clip is None
+
+
+STAGE3 = STAGE1.parent / "stage3"
+
+
+@pytest.mark.parametrize("file", ["gta5_vits_mask2former.yaml", "cityscapes_vits_mask2former.yaml",
+                                  "potsdam_vits_mask2former.yaml"])
+def test_stage3_configs_resolve_to_the_authors_task_learning_configs(file: str) -> None:
+    from gkd.config import SegmentConfig
+
+    cfg = load_config(SegmentConfig, [STAGE3 / file], ["encoder=e.safetensors"])
+    o, d = cfg.optim, cfg.data
+    assert (o.iters, o.lr, o.weight_decay, o.power, o.min_lr, o.warmup_iters) == (40000, 1e-4, 0.05, 0.9, 0.0, 0)
+    assert o.grad_clip is None  # the DINOv2 + Mask2Former configs clip nothing
+    assert (d.batch_size, d.crop_size, d.cat_max_ratio, d.photometric) == (4, 512, 0.75, True)
+    assert d.short_edges == [int(512 * x * 0.1) for x in range(5, 21)] and d.max_size == 2048
+    assert cfg.decoder.name == "mask2former" and cfg.method.name == "none" and not cfg.train_encoder
+    eva = load_config(SegmentConfig, [STAGE3 / file, STAGE3 / "recipes" / "eva02_finetune.yaml"], ["encoder=e.safetensors"])
+    assert eva.train_encoder and eva.optim.encoder_lr_scale == 0.1 and eva.encoder_drop_path == 0.15
