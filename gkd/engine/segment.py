@@ -55,8 +55,9 @@ class SegTrainStep(nn.Module):
         blocks = self.kd.blocks(self.kd.student_info, "student")
         seg, student = self.segmentor.distill_outputs(images, labels, blocks)
         kd = self.kd(student, teacher, labels, progress)
-        return {"loss": self.kd.seg_term(seg["loss"]) + kd["loss"], "loss_seg": seg["loss"].detach(), "loss_distill": kd["loss"].detach(),
-                **{k: v for k, v in seg.items() if k != "loss"}, **{k: v.detach() for k, v in kd.items() if k != "loss"}}
+        return {"loss": self.kd.seg_term(seg["loss"]) + kd["loss"], "loss_seg": seg["loss"].detach(),
+                "loss_distill": kd["loss"].detach(), **{k: v for k, v in seg.items() if k != "loss"},
+                **{k: v.detach() for k, v in kd.items() if k != "loss"}}
 
 
 def poly_lr(step: int, progress: float, base: float, power: float, minimum: float, warmup: int) -> float:
