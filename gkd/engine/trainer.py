@@ -92,7 +92,7 @@ def param_groups(model: nn.Module, weight_decay: float, rule: str = "timm") -> l
     if rule not in DECAY_RULES:
         raise ValueError(f"weight-decay rule must be one of {DECAY_RULES}, got {rule!r}")
     in_norm = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if isinstance(mod, _NORMS)
-               for n, _ in mod.named_parameters(recurse=False)}
+               for n, _ in mod.named_parameters(recurse=False)} if rule == "mmseg" else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -39,6 +39,7 @@ from gkd.tensors import SegOutputs
 from .decoders import IGNORE_INDEX, Decoder, build_decoder
 from .student import Student, build_student_from_spec
 from .teacher import final_norm, jsonable
+from .weights import check_input_norm
 
 __all__ = [
     "Segmentor",
@@ -112,8 +113,7 @@ class Segmentor(nn.Module):
         train_encoder: bool = False,
     ) -> None:
         super().__init__()
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean/std must be 3 values (std > 0), got {mean}, {std}")
+        check_input_norm(mean, std)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         if decoder.num_classes != num_classes:

