@@ -2,6 +2,7 @@
 
     gkd data shard SRC OUT [--shard-size N]     image folder (or --manifest split) → webdataset shards + index
     gkd data check MANIFEST --root DIR          counts, unpaired files, unmapped label values, size mismatches
+    gkd data verify SHARDS [--decode]           read every shard fully: one line per bad shard; exit 1 if any
     gkd data prepare DATASET --src RAW --out DIR   raw download → the layout its manifest reads (+ prepare_report.json)
     gkd data cache-teacher --config S1.yaml --out DIR [--views K] [key=value]   teacher outputs of K views per image
     gkd eval CKPT|RUNS --suite S --out DIR      domain-generalization report (results.md/.csv, metrics.json);
@@ -22,6 +23,7 @@ import argparse
 import json
 import sys
 
+from gkd.errors import error_boundary
 from gkd.logs import setup_logging
 
 
@@ -37,7 +39,8 @@ def _cmd_data_shard(args: argparse.Namespace) -> int:
         source = split_record(load_manifest(args.manifest), args.split, args.src, len(files))  # for gkd eval's check
     index = write_shards(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, seed=args.seed,
                          shuffle=not args.no_shuffle, files=files, source=source)
-    print(f"wrote {len(index.shards)} shard(s), {index.num_samples} samples, {index.num_skipped} skipped → {args.out}")
+    print(f"wrote {len(index.shards)} shard(s), {index.num_samples} samples, {index.num_skipped} skipped (unreadable), "
+          f"{index.ignored_summary()} → {args.out}")
     return 0
 
 
@@ -46,6 +49,14 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.manifest, root=args.root, splits=args.split or None, num_workers=args.workers)
     print(report.format())
+    return 0 if report.ok else 1
+
+
+def _cmd_data_verify(args: argparse.Namespace) -> int:
+    from gkd.data.wds import check_shards
+
+    report = check_shards(args.shards, decode=args.decode, num_workers=args.workers)
+    print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
 
@@ -286,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--workers", type=int, default=0, help="processes reading labels")
     check.set_defaults(func=_cmd_data_check)
 
+    verify = data.add_parser("verify", help="read every shard fully before a long run (tar integrity, counts, "
+                                            "image fields); exit 1 when one is bad")
+    verify.add_argument("shards", help="shard index JSON, folder of shards or brace pattern (as data.train_shards)")
+    verify.add_argument("--decode", action="store_true", help="also decode every image (slower)")
+    verify.add_argument("--workers", type=int, default=0, help="processes reading shards (default 0: this one)")
+    verify.set_defaults(func=_cmd_data_verify)
+
     prep = data.add_parser(
         "prepare", help="raw dataset download → the folder its shipped manifest reads, plus prepare_report.json",
         description="mapillary: class indices → 19 Cityscapes train ids (--version required); gta5: palette labels "
@@ -447,21 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `gkd` command; a user error is one `gkd: error:` line and exit status 2 (gkd.errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in {f"stage{n}" for n in STAGES}:
-        from gkd.engine.runner import run_stage  # takes --config / key=value itself
+        from gkd.engine.runner import stage_main  # takes --config / key=value itself
 
-        print(run_stage(int(argv[0][-1]), argv[1:]))
-        return 0
+        return stage_main(int(argv[0][-1]), argv[1:])
     setup_logging()
     args = build_parser().parse_args(argv)
-    from gkd.config import ConfigError
-
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"gkd: error: {e}", file=sys.stderr)
-        return 2
+    return error_boundary(lambda: args.func(args))
 
 
 if __name__ == "__main__":

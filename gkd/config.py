@@ -121,6 +121,10 @@ class EngineConfig:
     log_sample_keys: bool = False  # write each rank's sample keys per epoch (audits data splitting)
     compile: bool = False  # torch.compile the student (stages 1-2): slow first steps, faster later ones
     channels_last: Optional[bool] = None  # CNN students in channels-last memory; None: on CUDA only
+    # Config keys (or whole sections, e.g. optim) a resume may change from the checkpoint's config. Any
+    # other change is refused: the resumed run would no longer equal an uninterrupted one (see
+    # gkd.engine.checkpoint.RESUME_HARMLESS for the keys that never matter).
+    resume_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -293,8 +297,60 @@ def load_config(schema: type[C], overlays: Sequence[str | Path] = (), overrides:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"required config keys have no value: {', '.join(missing)}")
+    check_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]
+
+
+_ABSENT = object()
+# key → (test, what it must be); each is checked where the schema has the key.
+_VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "data.batch_size": (lambda v: v > 0, "a positive integer, the global batch"),
+    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "data.img_size": (lambda v: v > 0, "positive"),
+    "data.crop_size": (lambda v: v > 0, "positive"),
+    "data.repeats": (lambda v: v >= 1, "1 or more"),
+    "data.fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.on_bad": (lambda v: v in ("error", "skip"), "error or skip"),
+    "optim.grad_accum": (lambda v: v >= 1, "1 or more"),
+    "optim.lr": (lambda v: v > 0, "positive"),
+    "optim.min_lr": (lambda v: v >= 0, "0 or more"),
+    "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "optim.grad_clip": (lambda v: v is None or v > 0, "positive, or null for no clipping"),
+    "optim.epochs": (lambda v: v > 0, "positive"),
+    "optim.max_steps": (lambda v: v is None or v > 0, "positive, or null to train optim.epochs"),
+    "optim.iters": (lambda v: v > 0, "positive"),
+    "optim.warmup_epochs": (lambda v: v >= 0, "0 or more"),
+    "optim.warmup_iters": (lambda v: v >= 0, "0 or more"),
+    "optim.lr_base_batch": (lambda v: v > 0, "positive"),
+    "engine.save_every": (lambda v: v >= 1, "1 or more optimizer steps between checkpoints"),
+    "engine.log_every": (lambda v: v >= 1, "1 or more"),
+    "engine.keep_last": (lambda v: v >= 1, "1 or more"),
+    "budget.kind": (lambda v: v in ("steps", "seconds", "tflops"), "steps, seconds or tflops"),
+    "budget.amount": (lambda v: v is None or v > 0, "positive, or null for the stage's own length"),
+    "select.every": (lambda v: v >= 1, "1 or more"),
+}
+
+
+def check_values(cfg: Any) -> None:
+    """Refuse values no run can use (a zero batch, a negative warm-up, ...), naming each key."""
+    bad = []
+    for key, (ok, what) in _VALUE_RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not ok(value):
+            bad.append(f"{key}={value!r}: must be {what}")
+    if bad:
+        raise ConfigError("invalid config value" + ("s: " if len(bad) > 1 else ": ") + "; ".join(bad))
+
+
+def check_world(cfg: Any, world: int) -> None:
+    """The global batch must split evenly over `world` processes × optim.grad_accum micro-batches."""
+    batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    unit = world * accum
+    if batch % unit:
+        raise ConfigError(f"data.batch_size={batch} does not split over {world} process(es) × optim.grad_accum="
+                          f"{accum}: use a multiple of {unit} (e.g. data.batch_size={max(unit, round(batch / unit) * unit)})"
+                          " or change the number of processes")
 
 
 def _merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:

@@ -4,7 +4,9 @@
 
 Writes `<out_dir>/encoder.safetensors`, plus config.yaml, metrics.jsonl and checkpoints/.
 """
-from gkd.engine.runner import run_stage
+import sys
+
+from gkd.engine.runner import stage_main
 
 if __name__ == "__main__":
-    run_stage(1)
+    sys.exit(stage_main(1))

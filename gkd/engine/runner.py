@@ -13,47 +13,56 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from gkd.config import ConfigError, DistillConfig, SegmentConfig, parse_cli
+from gkd.config import ConfigError, DistillConfig, SegmentConfig, check_world, parse_cli
+from gkd.atomic import check_writable
 from gkd.engine.trainer import reset_accelerate_state
+from gkd.errors import error_boundary
 from gkd.logs import setup_logging
 
 SEEDS_FILE = "seeds.json"
-# What the builders raise for a bad option, file or dataset (the checks name the key or the path).
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def stage_main(stage: int, argv: Sequence[str] | None = None) -> int:
+    """`gkd stageN` and `stages/stageN.py`: run the stage inside the error boundary; the exit status."""
+    def run() -> int:
+        path = run_stage(stage, argv)
+        if os.environ.get("RANK", "0") == "0":
+            print(path)
+        return 0
+
+    return error_boundary(run)
 
 
 def run_stage(stage: int, argv: Sequence[str] | None = None) -> Path:
-    """Run stage 1, 2 or 3 from `[--config FILE ...] [key=value ...]`; return the handoff file."""
+    """Run stage 1, 2 or 3 from `[--config FILE ...] [key=value ...]`; return the handoff file.
+
+    Every check a config can fail runs here, before any model or dataset is built: the schema and
+    its values (`gkd.config`), the stage, stage 2's parent, and the batch split over the processes
+    `accelerate launch` started (WORLD_SIZE)."""
     setup_logging()
-    try:
-        if stage not in (1, 2, 3):
-            raise ConfigError(f"unknown stage {stage}")
-        schema = DistillConfig if stage < 3 else SegmentConfig
-        cfg = parse_cli(schema, argv, base={"stage": stage, "out_dir": f"runs/stage{stage}"})
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"unknown stage {stage}")
+    schema = DistillConfig if stage < 3 else SegmentConfig
+    cfg = parse_cli(schema, argv, base={"stage": stage, "out_dir": f"runs/stage{stage}"})
     if cfg.stage != stage:
-        sys.exit(f"config error: this entry point runs stage {stage}, the config says stage={cfg.stage}")
+        raise ConfigError(f"this entry point runs stage {stage}, the config says stage={cfg.stage}")
     if cfg.seeds:
         return _run_seeds(stage, cfg, list(argv if argv is not None else sys.argv[1:]))
     if stage == 2 and not cfg.init:
-        sys.exit("config error: stage 2 starts from a stage-1 encoder: pass init=<run>/encoder.safetensors")
+        raise ConfigError("stage 2 starts from a stage-1 encoder: pass init=<run>/encoder.safetensors")
+    check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_writable(cfg.out_dir, "out_dir")
     if stage == 3:
         from gkd.engine.segment import train_segmentor as train
     else:
         from gkd.engine.distill import train_distill as train
-    try:
-        return train(cfg)
-    except USER_ERRORS as e:  # a config / data mistake: one line, not a traceback (GKD_DEBUG=1 keeps it)
-        if os.environ.get("GKD_DEBUG"):
-            raise
-        sys.exit(f"error: {e}\n(set GKD_DEBUG=1 for the traceback)")
+    return train(cfg)
 
 
 def _run_seeds(stage: int, cfg, argv: list[str]) -> Path:
     """One run per seed (later overrides win over `argv`'s), then the folder's seeds.json."""
     if len(set(cfg.seeds)) != len(cfg.seeds):
-        sys.exit(f"config error: seeds has repeats: {list(cfg.seeds)}")
+        raise ConfigError(f"seeds has repeats: {list(cfg.seeds)}")
     out, parent_key = Path(cfg.out_dir), ("encoder" if stage == 3 else "init")
     parent = cfg.get(parent_key)
     runs = []

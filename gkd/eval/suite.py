@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from gkd.atomic import check_writable
 from gkd.data import build_dataset, load_manifest, resolve_root
 from gkd.handoff import read_metadata
 from gkd.models.segmentor import load_segmentor
@@ -97,12 +98,13 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     from .report import seed_groups, write_report
     from .submission import export_submission
 
+    check_writable(out_dir, "the report folder")  # before the evaluation, not after it
     suite = load_suite(suite)
     state = accelerator if accelerator is not None else process_state()
     prepared = prepare_targets(suite, roots)  # fails here, before any model is loaded
 
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
-    absent = [str(c) for c in checkpoints if not Path(c).is_file()]
+    absent = [str(c) for c in checkpoints if not Path(c).exists()]  # a folder is named by read_metadata
     if absent:
         raise FileNotFoundError(f"checkpoint not found: {', '.join(absent)}")
     if model_name is None:

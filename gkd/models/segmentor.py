@@ -26,20 +26,22 @@ the segmentor spec as ``gkd_spec``; ``load_segmentor`` rebuilds from that spec a
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gkd.errors import HandoffError
 from gkd.handoff import load_handoff, read_metadata, save_handoff, spec_mismatch
 from gkd.tensors import SegOutputs
 
 from .decoders import IGNORE_INDEX, Decoder, build_decoder
 from .student import Student, build_student_from_spec
 from .teacher import final_norm, jsonable
-from .weights import check_input_norm
+from .weights import CheckpointError, check_input_norm
 
 __all__ = [
     "Segmentor",
@@ -386,9 +388,20 @@ def load_segmentor(path: str | Path) -> tuple[Segmentor, dict[str, Any]]:
             f"{path} is a stage-{meta.get('gkd_stage')} encoder file (its spec has no decoder); "
             "expected a segmentor.safetensors written by stage 3"
         )
-    seg = build_segmentor_from_spec(spec)
+    with _rebuilding(path):
+        seg = build_segmentor_from_spec(spec)
     load_handoff(path, seg, seg.spec)
     return seg.eval(), meta
+
+
+@contextmanager
+def _rebuilding(path: str | Path) -> Iterator[None]:
+    """A model spec read from `path` that cannot be built is that file's fault: say so, naming it."""
+    try:
+        yield
+    except (CheckpointError, RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise HandoffError(f"{path}: the model spec in its header cannot be rebuilt ({e}); the file was written "
+                           "by another gkd version or edited: re-run the stage that wrote it") from e
 
 
 def load_encoder_for_segmentor(
@@ -409,6 +422,7 @@ def load_encoder_for_segmentor(
         diffs = spec_mismatch(dict(expected_spec), {k: spec.get(k, "<absent>") for k in expected_spec})
         if diffs:
             raise ValueError(f"{path} holds another encoder than expected; refusing it:\n  " + "\n  ".join(diffs))
-    student = build_student_from_spec(spec, drop_path_rate=drop_path_rate)
+    with _rebuilding(path):
+        student = build_student_from_spec(spec, drop_path_rate=drop_path_rate)
     load_handoff(path, student, student.spec)
     return student, meta.get("gkd_input_norm")

@@ -22,6 +22,7 @@ import importlib.resources
 import importlib.util
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from gkd.errors import GKDError
+
 _log = logging.getLogger(__name__)
 
 StateDict = dict[str, Tensor]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GKDError, RuntimeError):
     """A checkpoint does not fit the model: the message lists missing / unexpected / mis-shaped keys."""
 
 
@@ -52,11 +55,15 @@ def load_state_dict_file(path: str | Path) -> StateDict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from gkd.handoff import load_tensors
 
-        obj: object = load_file(str(path), device="cpu")
+        obj: object = load_tensors(path)  # a gkd file's digest is checked; clean errors for damaged files
     else:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}): damaged, or holding objects other than tensors") from None
     return unwrap_state_dict(obj)
 
 

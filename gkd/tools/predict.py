@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gkd.atomic import check_writable
+
 _log = logging.getLogger(__name__)
 
 __all__ = ["PredictSummary", "predict_paths", "collect_images", "resolve_palette", "load_stage3", "trained_crop_size"]
@@ -44,24 +46,18 @@ DEFAULT_CROP = 512
 
 
 def load_stage3(checkpoint: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``load_segmentor`` with clear errors for a missing file or a file that is no GKD handoff file.
+    """``load_segmentor`` with a clear error for a missing file.
 
-    Returns (segmentor in eval mode, metadata). Stage-1/2 encoder files are refused by
-    ``load_segmentor`` itself ("... expected a segmentor.safetensors written by stage 3").
+    Returns (segmentor in eval mode, metadata). A file that is no intact handoff file (damaged,
+    truncated, a pickle, a folder...) is a ``HandoffError`` from ``gkd.handoff``'s readers, naming
+    it; stage-1/2 encoder files are refused by ``load_segmentor`` itself ("... expected a
+    segmentor.safetensors written by stage 3").
     """
-    from gkd.handoff import read_metadata
     from gkd.models.segmentor import load_segmentor
 
     path = Path(checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"segmentor file not found: {path} (expected a stage-3 segmentor.safetensors)")
-    try:
-        read_metadata(path)
-    except ValueError as e:  # a safetensors file without GKD metadata
-        raise ValueError(f"{e}; expected a stage-3 segmentor.safetensors") from e
-    except Exception as e:  # safetensors' own error for a file that is not safetensors at all
-        raise ValueError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); "
-                         "expected a stage-3 segmentor.safetensors") from e
     return load_segmentor(path)
 
 
@@ -278,7 +274,7 @@ def predict_paths(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     segmentor.to(device).eval()
 
-    out = Path(out_dir)
+    out = check_writable(out_dir, "the output folder")
     out.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary(out_dir=out, palette_source=palette_source)
     bar = tqdm(total=len(images), desc="predict", unit="img", disable=not progress)
