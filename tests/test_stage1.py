@@ -113,7 +113,8 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path):
     train_distill(_cfg(out, str(tmp_path / "wds" / "train-{000000..000001}.tar"), "data.num_samples=24",
                        "optim.epochs=1", "data.repeats=1"))  # one pass: the bad image is read exactly once
     ends = [r for r in _records(out) if r.get("event") == "epoch_end"]
-    assert [r["skipped_corrupt"] for r in ends] == [1]
+    assert [r["skipped_corrupt_total"] for r in ends] == [1]
+    assert read_metadata(out / "encoder.safetensors")["gkd_compute"]["skipped_corrupt"] == 1  # handed on
 
 
 def test_missing_shard_is_named(tmp_path, shards):

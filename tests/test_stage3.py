@@ -57,7 +57,7 @@ def test_mask2former_stage3_resumes_and_keeps_encoder(tmp_path, folder_dataset, 
 
     records = [json.loads(x) for x in (tmp_path / "s3" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == [1, 2, 3, 4, 4, 5, 6]  # killed during step 5: resumed from the step-3 checkpoint
+    assert steps == [1, 2, 3, 4, 5, 6]  # killed during step 5: resumed from the step-3 checkpoint (its step-4 row cut)
     assert all({"loss_cls", "loss_mask", "loss_dice"} <= set(r) for r in records if "loss" in r)
     meta = read_metadata(path)
     assert meta["gkd_spec"]["decoder"]["name"] == "mask2former" and meta["gkd_spec"]["num_classes"] == 3

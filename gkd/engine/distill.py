@@ -21,7 +21,7 @@ from gkd.config import ConfigError, DistillConfig, to_container
 from gkd.data import build_shard_loader, build_train_transform
 from gkd.data.wds import epoch_samples, resolve_shards
 from gkd.distill import build_objective
-from gkd.handoff import read_metadata, save_handoff
+from gkd.handoff import is_handoff, read_metadata, save_handoff
 from gkd.engine.compute import Budget, compute_metadata
 from gkd.engine.curves import plot_distill_curves
 from gkd.engine.probe import StageProbe, load_probe_data
@@ -153,8 +153,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
         return model(*_inputs(batch, teacher, cache, accelerator.device, channels_last))
 
     def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        nonlocal skipped
-        skipped += batch["skipped"].sum()
+        trainer.count("skipped_corrupt", batch["skipped"].sum())  # exact across resumes (checkpointed)
         if cfg.engine.log_sample_keys:
             _log_keys(out_dir, rank, epoch, batch["key"])
         return step_loss(batch)
@@ -163,18 +162,18 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
         epoch, first = divmod(trainer.step_index, steps_per_epoch)
         batches = _batches(cfg, transform, micro_batch, rank, world, epoch, steps_per_epoch * accum, first * accum)
         batches = trainer.count_flops(batches, step_loss)  # once per run
-        skipped = torch.zeros((), dtype=torch.long)
         while not trainer.done and trainer.step_index < (epoch + 1) * steps_per_epoch:
             lr = lr_at(trainer.step_index, trainer.decay_progress(warmup), warmup, peak_lr, cfg.optim.min_lr)
             _hold_student(optimizer, trainer.step_index < cfg.heads.warmup_steps)
             trainer.step(batches, loss_fn, lr, epoch)
             if probe is not None and cfg.probe.every and trainer.step_index % cfg.probe.every == 0 and not trainer.done:
                 probe(accelerator.unwrap_model(model))
-        n_skipped = int(accelerator.reduce(skipped.to(accelerator.device), "sum").item())
+        n_skipped = trainer.tally().get("skipped_corrupt", 0)
         trainer.metrics.write({"event": "epoch_end", "epoch": epoch, "step": trainer.step_index,
-                               "skipped_corrupt": n_skipped})
+                               "skipped_corrupt_total": n_skipped})
         if n_skipped and accelerator.is_main_process:
-            log.warning("epoch %d: skipped %d corrupt image(s) (see the log for their keys)", epoch, n_skipped)
+            log.warning("by epoch %d: %d corrupt image(s) skipped in all (see the log for their keys)", epoch,
+                        n_skipped)
     compute = trainer.finish()
     if probe is not None:
         probe(accelerator.unwrap_model(model))
@@ -224,10 +223,7 @@ def _student_input_norm(cfg: DistillConfig) -> tuple[list[float], list[float]] |
         return list(s.mean), list(s.std)
     source = cfg.init or s.checkpoint
     if source and str(source).endswith(".safetensors") and Path(source).is_file():
-        try:
-            norm = read_metadata(source).get("gkd_input_norm")
-        except ValueError:  # a plain safetensors state dict, not a gkd handoff file
-            norm = None
+        norm = read_metadata(source).get("gkd_input_norm") if is_handoff(source) else None  # else plain weights
         if norm:
             return list(norm["mean"]), list(norm["std"])
     known = checkpoint_input_norm(s.checkpoint)

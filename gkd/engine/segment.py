@@ -172,6 +172,11 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
                                           cat_max_ratio=d.cat_max_ratio, photometric=d.photometric,
                                           short_edges=d.short_edges, max_size=d.max_size)
     dataset = build_dataset(d.manifest, d.split, root=d.root, transform=transform, on_bad=d.on_bad)
+    if d.on_bad == "skip":  # drop every bad sample now: the loader's workers would skip them uncounted
+        from accelerate.utils import gather_object
+
+        dataset.validate(d.num_workers, decode_images=True, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, gather=gather_object)
     subset = label_subset(len(dataset), d.fraction, cfg.seed)
     if accelerator.is_main_process and d.fraction < 1:  # which labelled images a label-efficient run saw
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +222,9 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     if selector.rule == "best":
         accelerator.register_for_checkpointing(selector)  # history + best weights resume with the run
     trainer.start()  # resumes from the latest checkpoint when there is one
+    if d.on_bad == "skip":
+        trainer.metrics.write({"event": "skipped", "images": len(dataset.skipped_images),
+                               "files": dataset.skipped_images[:10]})
     if accelerator.is_main_process:
         log.info("stage 3: %s, %s encoder, budget %s", f"task-level distillation {method!r}" if kd_method else
                  "no distillation", "trainable" if train_encoder else "frozen", budget.describe())
@@ -246,6 +254,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     selector.restore_best(snapshot)
     protocol = {**selector.record(), "encoder": read_metadata(cfg.encoder).get("gkd_protocol"),
                 "encoder_recipe": encoder_recipe(cfg, train_encoder)}
+    protocol["source"] = {**protocol["source"], "skipped_images": len(dataset.skipped_images)}  # num_images: used
     if kd_method:  # the teacher segmentor's own source data is part of this run's lineage
         protocol["teacher"] = read_metadata(cfg.teacher).get("gkd_protocol")
     trainer.metrics.write({"event": "selection", **protocol["selection"]})

@@ -129,6 +129,8 @@ def _selection_target(cfg: Any, train_set: Any) -> tuple[Any, Any]:
 
     s, m = cfg.select, train_set.manifest
     dataset = build_dataset(m, s.split, root=train_set.root, on_bad=cfg.data.on_bad)
+    if cfg.data.on_bad == "skip":  # drop the bad images now, so each scored image is counted once
+        dataset.validate(cfg.data.num_workers, decode_images=True)
     resize = manifest_resize(m)
     target = Target(name=f"{m.name} {s.split}", manifest=m.name, split=s.split, resize=resize)
     crop = int(cfg.data.crop_size)

@@ -1,24 +1,34 @@
 """The Trainer — the optimizer-step loop every stage shares, run against a compute budget — and what it
-needs: the accelerator, AdamW parameter groups, seeds, the metrics log."""
+needs: the accelerator, AdamW parameter groups, seeds, the metrics log.
+
+Every checkpoint the Trainer writes or resumes from has only finite tensors (model parameters and
+buffers, optimizer state; `nonfinite_tensors`), so "the newest checkpoint" is always one a run can
+continue from. A resume picks the newest usable checkpoint (an unreadable or non-finite one is set
+aside with a warning), refuses a changed config (``gkd.engine.checkpoint.check_resume_config``) and
+cuts metrics.jsonl back to what it held when that checkpoint was written."""
 from __future__ import annotations
 
 import gc
 import itertools
 import json
 import logging
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from gkd.atomic import write_text_atomic
 from gkd.config import RunConfig
-from gkd.engine.checkpoint import CheckpointManager
+from gkd.engine.checkpoint import (Checkpoint, CheckpointManager, ResumeError, check_resume_config, describe_changes,
+                                   flatten)
 from gkd.engine.compute import Budget, count_flops
+from gkd.errors import GKDError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +38,13 @@ _QUERY_SUFFIXES = ("queries_embedder.weight", "queries_features.weight", "level_
 _NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "mask_token", "reg_token", "register_tokens", *_QUERY_SUFFIXES)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(GKDError, RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad update."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """Parameters, buffers or optimizer state became NaN or infinite (the loss may still be finite:
+    BatchNorm in train mode normalises with batch statistics); the checkpoint was not written."""
 
 
 def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False) -> Accelerator:
@@ -121,26 +136,54 @@ def sync_on_last(accelerator: Accelerator, model: nn.Module, micro: int, accum: 
     return nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
 
 
-def check_finite(accelerator: Accelerator, nonfinite: torch.Tensor, step: int, where: str) -> None:
-    """Stop every rank together when any rank saw a non-finite loss in this step."""
+def check_finite(accelerator: Accelerator, nonfinite: torch.Tensor, step: int, where: str | Callable[[], str]) -> None:
+    """Stop every rank together when any rank saw a non-finite loss in this step; `where` (or what it
+    returns, built only then) ends the message."""
     if accelerator.reduce(nonfinite, "sum").item() > 0:
-        raise NonFiniteLossError(f"non-finite loss at step {step}; the update was not applied. {where}")
+        raise NonFiniteLossError(f"non-finite loss at step {step}; the update was not applied. "
+                                 f"{where() if callable(where) else where}")
+
+
+@torch.no_grad()
+def nonfinite_tensors(accelerator: Accelerator, tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the `tensors` that hold a NaN or an infinity on any rank (every rank gets the same list).
+
+    One fused 2-norm per (device, dtype) group (NaN and ±inf propagate into it), one all-reduce of the
+    per-tensor flags and one read-back. A norm can overflow for a huge but finite tensor (beyond the
+    dtype's range), so flagged tensors are confirmed exactly (a second all-reduce, only then).
+    Every rank must pass the same number of tensors in the same order (as DDP replicas do).
+    """
+    floats = [(n, t.detach()) for n, t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
+    if not floats:
+        return []
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, (_, t) in enumerate(floats):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    dev = accelerator.device
+    order = [i for idx in groups.values() for i in idx]
+    flags = torch.cat([(~torch.isfinite(torch.stack(torch._foreach_norm([floats[i][1] for i in idx])))).to(dev)
+                       for idx in groups.values()]).float()
+    flags = accelerator.reduce(flags, "sum")
+    suspects = [order[j] for j in flags.nonzero().flatten().tolist()]  # the check's one read-back
+    if not suspects:
+        return []
+    suspects.sort()
+    exact = torch.stack([~torch.isfinite(floats[i][1]).all() for i in suspects]).to(dev).float()
+    exact = accelerator.reduce(exact, "sum").tolist()
+    return [floats[i][0] for i, bad in zip(suspects, exact) if bad]
 
 
 def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested config for trackers that only take scalars."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_config(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
+    """Flatten a nested config for trackers that only take scalars (other values as JSON)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flatten(d, prefix).items()}
 
 
 class MetricsLog:
-    """Appends JSON records to metrics.jsonl (main process) and forwards them to trackers."""
+    """Appends JSON records to metrics.jsonl (main process) and forwards them to trackers.
+
+    Two kinds of rows: a metrics window ``{"step", "epoch", "lr", "loss", ...}`` every `log_every`
+    steps, and events ``{"event": ..., ...}`` (flops, charged, epoch_end, probe, resume, compute,
+    selection, end), most with the step they describe."""
 
     def __init__(self, path: Path, accelerator: Accelerator):
         self.path = path
@@ -150,6 +193,41 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def offset(self) -> int:
+        """The file's size now (main process; 0 elsewhere): where a resume from here cuts it back to."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return 0
+        return self.path.stat().st_size
+
+    def cut(self, step: int, offset: int | None, keep_step: bool) -> int:
+        """Cut the file back to a resume at `step` (main process, atomically); return the rows removed.
+
+        offset: its size when the checkpoint was written: everything after it was logged by the run
+        that is being replaced, except (`keep_step`, a periodic checkpoint) the rows about `step` itself
+        (its epoch_end, probe), which the resumed run does not log again. offset None (a checkpoint of an
+        older version): the rows with a step after `step` go. A fresh start (step 0, offset 0) empties it.
+        """
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return 0
+        data = self.path.read_bytes()
+        head, tail = (b"", data) if offset is None else (data[:offset], data[offset:])
+
+        def replaced(row: dict[str, Any]) -> bool:
+            if offset is None:
+                return isinstance(row.get("step"), (int, float)) and row["step"] > step
+            return not (keep_step and row.get("step") == step)
+
+        kept, removed = [head], 0
+        for line in tail.splitlines(keepends=True):
+            row = _row(line)  # a torn line (a kill mid-write) is dropped
+            if row is None or replaced(row):
+                removed += 1
+            else:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if removed:
+            write_text_atomic(self.path, b"".join(kept).decode("utf-8", "replace"))
+        return removed
 
     def write_window(self, window: dict[str, float], state: dict[str, Any], epoch: int, lr: float,
                      elapsed: float, global_batch: int) -> dict[str, Any]:
@@ -166,6 +244,19 @@ class MetricsLog:
         self.write(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
         return record
+
+
+def _names(names: Sequence[str], first: int = 5) -> str:
+    """The first few of `names` for a message: "a, b, c, d, e, …"."""
+    return ", ".join(names[:first]) + (", …" if len(names) > first else "")
+
+
+def _row(line: bytes) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def reset_accelerate_state() -> None:
@@ -189,13 +280,15 @@ def micro_batch_size(global_batch: int, accelerator: Accelerator, accum: int) ->
 class Trainer:
     """The optimizer-step machinery every stage loop shares, run against a compute ``Budget``.
 
-    `start()` resumes from the latest (or a named) checkpoint and writes config.yaml;
+    `start()` resumes from the newest usable (or a named) checkpoint and writes config.yaml;
     `count_flops()` measures the training FLOPs of one step (once per run, kept across resumes);
     each `step()` consumes `grad_accum` micro-batches (DDP all-reduces on the last only), stops
     every rank on a non-finite loss before the update, clips, steps, accounts wall-clock seconds,
     images and FLOPs, logs a metrics window every `log_every` steps and checkpoints every
     `save_every`; `done` says when the budget is spent; `finish()` logs the last window and writes
     the final checkpoint; `compute()` is the run's compute record (metrics.jsonl, handoff metadata).
+    Every checkpoint write first checks that the whole state is finite (`NonFiniteStateError`): the
+    stage loops write their handoff file only after `finish()`, so a non-finite model is never handed on.
     """
 
     clock = staticmethod(time.perf_counter)  # what step seconds are measured with (tests inject a fake one)
@@ -212,6 +305,9 @@ class Trainer:
         self._window: dict[str, float] = {}
         self._window_seconds = 0.0
         self._run_start = time.perf_counter()
+        self._config_yaml = ""
+        self._counts: dict[str, torch.Tensor] = {}  # since the last tally, on this rank (see count)
+        self._last_good: Path | None = None  # the newest checkpoint known finite: resumed from or written
 
     @property
     def step_index(self) -> int:
@@ -245,16 +341,30 @@ class Trainer:
         return min(1.0, max(0.0, (self.fraction - wf) / max(1e-12, 1.0 - wf)))
 
     def start(self) -> None:
+        """Resume (`_resume`), cut metrics.jsonl back to the checkpoint, write config.yaml (a different
+        previous one moves to config_history/), start the trackers and the progress bar."""
         from gkd.config import to_container, to_yaml
 
         cfg, acc = self.cfg, self.accelerator
-        resume = self.ckpts.latest() if cfg.resume == "auto" else (None if cfg.resume == "never" else Path(cfg.resume))
-        if resume is not None:
-            self.state.update(self.ckpts.load(acc, resume))
-            log.info("resumed from %s at step %d", resume, self.state["step"])
+        self._config_yaml = to_yaml(cfg)
+        if acc.is_main_process:
+            self._check_space()
+        ckpt, changes = self._resume()
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+            step = self.state["step"]
+            # Where metrics.jsonl stood at the checkpoint; None (an older checkpoint, or one of another run
+            # directory, whose offset is into its own file): cut by step instead.
+            own = ckpt is not None and ckpt.path.resolve().parent == self.ckpts.root.resolve()
+            offset = 0 if ckpt is None else ckpt.meta.get("metrics_offset") if own else None
+            removed = self.metrics.cut(step, offset, keep_step=ckpt is not None and not ckpt.meta.get("final"))
+            if removed:
+                log.info("metrics.jsonl: removed %d row(s) logged after the step-%d checkpoint", removed, step)
+            self._write_config(step)
+            if ckpt is not None:
+                self.metrics.write({"event": "resume", "step": step, "checkpoint": str(ckpt.path),
+                                    "config_changes": changes, "metrics_rows_removed": removed})
+        acc.wait_for_everyone()  # the checkpoint folder is settled before any rank goes on
         acc.init_trackers("gkd", config=flat_config(to_container(cfg)))
         # The bar counts whole budget units (steps, seconds, GFLOPs); tqdm drops its total when n
         # passes it, so no format may rely on the total.
@@ -263,6 +373,143 @@ class Trainer:
         self._bar_n = int(b.used(self.state) * self._bar_scale)
         self.progress = tqdm(total=int(b.amount * self._bar_scale), initial=self._bar_n, desc=self.desc,
                              disable=not acc.is_local_main_process, unit=self._bar_unit)
+
+    def _check_space(self) -> None:
+        """Refuse to start when out_dir cannot hold the checkpoints the run keeps (each: the model's
+        state and AdamW's two moments of every trainable parameter), as found before the first step."""
+        model = self.accelerator.unwrap_model(self.model)
+        state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        need = (state + moments) * (self.cfg.engine.keep_last + 1)  # one more while the newest is written
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.out_dir).free
+        if free < need:
+            raise GKDError(f"out_dir {self.out_dir} has {free / 2**20:.0f} MiB free; the run keeps about "
+                           f"{need / 2**20:.0f} MiB of checkpoints (engine.keep_last={self.cfg.engine.keep_last}): "
+                           "free space, lower engine.keep_last or use another out_dir")
+
+    def _write_config(self, step: int) -> None:
+        """config.yaml is the current config; the one it replaces (if different) is kept in
+        config_history/NNN_replaced_at_step_XXXXXXXX.yaml, as it was. Each checkpoint has its own too."""
+        path = self.out_dir / "config.yaml"
+        if path.is_file() and path.read_text(encoding="utf-8") != self._config_yaml:
+            history = self.out_dir / "config_history"
+            history.mkdir(exist_ok=True)
+            n = 1 + max((int(p.name[:3]) for p in history.glob("[0-9][0-9][0-9]_*.yaml")), default=0)
+            kept = write_text_atomic(history / f"{n:03d}_replaced_at_step_{step:08d}.yaml",
+                                     path.read_text(encoding="utf-8"))
+            log.info("config.yaml changed; the previous one is kept as %s", kept)
+        write_text_atomic(path, self._config_yaml)
+
+    def _resume(self) -> tuple[Checkpoint | None, dict[str, Any]]:
+        """Restore the checkpoint `cfg.resume` names (auto: the newest usable one; never: none) into
+        the model, optimizer and counters; return it (None: a fresh start) and the accepted config changes.
+
+        auto skips, with a warning, a checkpoint that is unreadable (missing or truncated files, a
+        corrupt record), that accelerate cannot load or that holds non-finite tensors, and resumes from
+        the previous one; none usable is an error. A named one must be usable. Checkpoints of this run
+        newer than the resumed step belong to the replaced future: they are set aside (renamed
+        ``.unusable`` / ``.discarded``) so that they are never resumed from or pruned in place of good ones.
+        """
+        cfg = self.cfg
+        explicit = cfg.resume not in ("auto", "never")
+        candidates = [Path(cfg.resume)] if explicit else [] if cfg.resume == "never" else self.ckpts.complete()
+        unusable: dict[Path, str] = {}
+        ckpt, changes = None, {}
+        for path in candidates:
+            ckpt, changes, problem = self._try_resume(path)
+            if problem is None:
+                break
+            if explicit:
+                raise ResumeError(f"cannot resume from {path}: {problem}")
+            unusable[path] = problem
+            ckpt = None
+        if ckpt is None and unusable:
+            raise ResumeError(
+                f"no usable checkpoint in {self.ckpts.root}: " + "; ".join(unusable.values())
+                + ". Pass resume=<checkpoint dir> to name one, or resume=never to start over (they are then set aside)")
+        step = ckpt.step if ckpt is not None else 0
+        stale = [p for p in self.ckpts.complete() if int(p.name[len("step_"):]) > step]
+        if self.accelerator.is_main_process:
+            for p in stale:
+                moved = self.ckpts.set_aside(p, ".unusable" if p in unusable else ".discarded")
+                if p in unusable:
+                    log.warning("resuming from %s (step %d) instead of %s, which cannot be used: %s; it is kept as %s",
+                                ckpt.path, step, p, unusable[p], moved)
+                else:
+                    log.warning("%s is newer than the step-%d start of this run; set aside as %s (delete it to free "
+                                "the space)", p, step, moved)
+            if changes:
+                log.warning("resuming from %s with config changes accepted by engine.resume_changes: %s", ckpt.path,
+                            describe_changes(changes))
+        if ckpt is not None:
+            self.state.update(ckpt.state)
+            self._last_good = ckpt.path
+            log.info("resumed from %s at step %d", ckpt.path, step)
+        return ckpt, changes
+
+    def _try_resume(self, path: Path) -> tuple[Checkpoint | None, dict[str, Any], str | None]:
+        """Read, compare (a refused config change raises) and restore `path`, then check that what was
+        loaded is finite; the problem that makes it unusable, agreed by every rank, or None."""
+        from omegaconf import OmegaConf
+
+        acc = self.accelerator
+        ckpt, problem = None, None
+        try:
+            ckpt = self.ckpts.read(path)
+        except ResumeError as e:
+            problem = str(e)
+        if (problem := self._agreed(problem)) is not None:
+            return None, {}, problem
+        config = OmegaConf.to_container(OmegaConf.create(self._config_yaml))  # as the checkpoint's went through YAML
+        config["launch"] = {"num_processes": acc.num_processes, "mixed_precision": str(acc.mixed_precision)}
+        changes = check_resume_config(ckpt, config, list(self.cfg.engine.resume_changes))
+        try:
+            self.ckpts.restore(acc, ckpt)
+        except ResumeError as e:
+            problem = str(e)
+        if (problem := self._agreed(problem)) is not None:
+            return None, {}, problem
+        bad = nonfinite_tensors(acc, self._state_tensors())
+        if bad:
+            return None, {}, f"{path} holds {len(bad)} NaN or infinite tensor(s) ({_names(bad)})"
+        return ckpt, changes, None
+
+    def _agreed(self, problem: str | None) -> str | None:
+        """Every rank takes a checkpoint as unusable when any rank found it so (one all-reduce)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return problem
+        failed = acc.reduce(torch.tensor(float(problem is not None), device=acc.device), "sum").item()
+        return (problem or "unusable on another rank (see its log)") if failed else None
+
+    def _state_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """What a checkpoint holds: the model's state dict (parameters, persistent buffers) and the
+        optimizer's state tensors, named ``optimizer.<parameter>.<entry>``; the same order on every rank."""
+        model = self.accelerator.unwrap_model(self.model)
+        tensors = list(model.state_dict().items())
+        names = {id(p): n for n, p in model.named_parameters()}
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the torch one
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for k, v in opt.state.get(p, {}).items():
+                    if torch.is_tensor(v):
+                        tensors.append((f"optimizer.{names.get(id(p), '?')}.{k}", v))
+        return tensors
+
+    def _advice(self) -> str:
+        """What to change after a divergence, and which checkpoint a rerun continues from."""
+        o = self.cfg.optim
+        tips = [f"lower optim.lr (now {o.lr:g})",
+                f"lower optim.grad_clip (now {o.grad_clip:g})" if o.grad_clip else "set optim.grad_clip (e.g. 1.0)"]
+        if self.accelerator.mixed_precision == "fp16":
+            tips.append("use engine.mixed_precision=bf16")
+        advice = ", ".join(tips[:-1]) + " or " + tips[-1]
+        advice = advice[0].upper() + advice[1:]
+        if self._last_good is None:
+            return f"{advice}. Newest finite checkpoint: none — the run must start over"
+        return (f"{advice}. Newest finite checkpoint: {self._last_good}; a rerun in this out_dir resumes "
+                "from it when the changed keys are also listed, e.g. engine.resume_changes=[optim.lr]")
 
     def count_flops(self, batches: Iterator[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]]) -> Iterator[Any]:
         """Count one optimizer step's training FLOPs on the next micro-batch (forward + backward).
@@ -297,6 +544,14 @@ class Trainer:
     def step(self, batches: Iterator[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]], lr: float,
              epoch: int) -> None:
         """One optimizer step at `lr` over the next `grad_accum` batches; `loss_fn(batch)` → {'loss', ...}."""
+        try:
+            self._step(batches, loss_fn, lr, epoch)
+        except BaseException:
+            self.progress.close()  # so that the error's one line starts on a line of its own, not after the bar
+            raise
+
+    def _step(self, batches: Iterator[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]], lr: float,
+              epoch: int) -> None:
         cfg, acc, step = self.cfg, self.accelerator, self.state["step"]
         started = self.clock()
         accum = cfg.optim.grad_accum
@@ -312,7 +567,7 @@ class Trainer:
             nonfinite += (~torch.isfinite(out["loss"].detach())).float()
             for k, v in out.items():  # summed on the device; read back once per log window
                 self._window[k] = self._window.get(k, 0.0) + v.detach().float() / accum
-        check_finite(acc, nonfinite, step, f"Last good checkpoint: {self.ckpts.latest() or 'none'}")
+        check_finite(acc, nonfinite, step, self._advice)
         if cfg.optim.grad_clip:
             acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
@@ -326,7 +581,41 @@ class Trainer:
         if step % cfg.engine.log_every == 0:
             self._log_window()
         if step % cfg.engine.save_every == 0 and not self.done:
-            self.ckpts.save(acc, self.state)
+            self._save()
+
+    def _save(self, final: bool = False) -> None:
+        """Write a checkpoint of the current step, if every tensor of the state is finite on every rank;
+        else `NonFiniteStateError`, and the newest checkpoint stays the newest finite one."""
+        tensors = self._state_tensors()
+        bad = nonfinite_tensors(self.accelerator, tensors)
+        step = self.state["step"]
+        if bad:
+            total = sum(1 for _, t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel())
+            raise NonFiniteStateError(
+                f"non-finite training state at step {step} ({len(bad)} of {total} tensors NaN or infinite: "
+                f"{_names(bad)}); the step-{step} checkpoint was not written. The loss was still finite, so an "
+                f"update (or BatchNorm's running statistics) diverged. {self._advice()}")
+        self.tally()  # the saved totals are exact up to this step, so a resume continues them
+        self._last_good = self.ckpts.save(self.accelerator, self.state, self._config_yaml, final=final,
+                                          metrics_offset=self.metrics.offset())
+
+    def count(self, name: str, n: torch.Tensor) -> None:
+        """Add `n` (a device tensor, e.g. the corrupt images a batch replaced) to counter `name`;
+        summed over ranks into ``state["counts"]`` at each checkpoint and by ``tally()``."""
+        self._counts[name] = self._counts.get(name, 0) + n.detach()
+
+    def tally(self) -> dict[str, int]:
+        """The counters' run totals (collective: every rank must call it)."""
+        totals = self.state.setdefault("counts", {})
+        if self._counts:
+            names = sorted(self._counts)
+            acc = self.accelerator
+            sums = acc.reduce(torch.stack([torch.as_tensor(self._counts[k], device=acc.device).long()
+                                           for k in names]), "sum").tolist()
+            for k, v in zip(names, sums):
+                totals[k] = totals.get(k, 0) + int(v)
+            self._counts = {}
+        return dict(totals)
 
     def charge(self, seconds: float, what: str) -> None:
         """Charge work done outside the optimizer steps (e.g. estimating target statistics) to the
@@ -367,14 +656,14 @@ class Trainer:
             "budget": {"kind": self.budget.kind, "amount": self.budget.amount, "used": self.budget.used(s)},
             "steps": s["step"], "images_seen": s["images_seen"], "train_seconds": round(s["train_seconds"], 3),
             "flops_per_step": s["flops_per_step"], "train_tflops": s["train_flops"] / 1e12,
-            "world_size": self.accelerator.num_processes,
+            "world_size": self.accelerator.num_processes, **self.tally(),
         }
 
     def finish(self) -> dict[str, Any]:
         """Log the last partial window, write the final checkpoint and the compute record; return it."""
         self._log_window()
         self.progress.close()
-        self.ckpts.save(self.accelerator, self.state)
+        self._save(final=True)
         compute = self.compute()
         self.metrics.write({"event": "compute", **compute,
                             "run_seconds": round(time.perf_counter() - self._run_start, 3)})
