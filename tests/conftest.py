@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_images, make_scene, reset_accelerate
+from helpers import SHAPES_MANIFEST, make_images, make_scene, reset_accelerate
 
 
 @pytest.fixture(autouse=True)
@@ -36,14 +36,7 @@ def folder_dataset(tmp_path_factory) -> tuple[Path, Path, Path]:
             Image.fromarray(image).save(root / "images" / split / f"{split}_{i:03d}.png")
             Image.fromarray(label).save(root / "labels" / split / f"{split}_{i:03d}.png")
     manifest = root / "shapes.yaml"
-    manifest.write_text(
-        "name: shapes\ntype: folder\ndefault_root: shapes\nimage_suffix: .png\nlabel_suffix: .png\n"
-        "splits:\n  train: {images: images/train, labels: labels/train}\n"
-        "  val: {images: images/val, labels: labels/val}\n"
-        "label_encoding: ids\nclasses: [background, box, disc]\n"
-        "palette: [[200, 40, 40], [40, 200, 40], [40, 40, 200]]\nignore_values: [9]\nunlisted: error\n"
-        "ignore_index: 255\ntest_resize: null\n"
-    )
+    manifest.write_text(SHAPES_MANIFEST)
     suite = root / "suite.yaml"
     suite.write_text(
         f"name: shapes\nsource: shapes (train)\nmode: slide\ncrop: 32\nstride: 21\n"

@@ -32,6 +32,17 @@ def make_images(folder: Path, n: int, seed: int = 0) -> Path:
     return folder
 
 
+# The manifest of make_scene's datasets in the folder layout (images/<split>, labels/<split>).
+SHAPES_MANIFEST = (
+    "name: shapes\ntype: folder\ndefault_root: shapes\nimage_suffix: .png\nlabel_suffix: .png\n"
+    "splits:\n  train: {images: images/train, labels: labels/train}\n"
+    "  val: {images: images/val, labels: labels/val}\n"
+    "label_encoding: ids\nclasses: [background, box, disc]\n"
+    "palette: [[200, 40, 40], [40, 200, 40], [40, 40, 200]]\nignore_values: [9]\nunlisted: error\n"
+    "ignore_index: 255\ntest_resize: null\n"
+)
+
+
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=np.uint8)
 
 

@@ -15,10 +15,13 @@ _EXPORTS = {
     "ShardIndex": "shards",
     "list_images": "shards",
     "index_path": "shards",
+    "find_not_taken": "shards",
     # gkd.data.wds — reader
     "build_shard_loader": "wds",
     "resolve_shards": "wds",
     "verify_shards": "wds",
+    "check_shards": "wds",
+    "ShardReport": "wds",
     "count_samples": "wds",
     "count_tar_samples": "wds",
     "default_steps_per_epoch": "wds",

@@ -275,6 +275,18 @@ def image_size(path: Path) -> tuple[int, int]:
                              ) from exc
 
 
+def decoded_size(path: Path) -> tuple[int, int]:
+    """(width, height) after a full RGB decode, as training reads the image (a header can be fine
+    while the data is cut short). Raises BadSampleError."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB").size
+    except READ_ERRORS as exc:
+        raise BadSampleError(f"cannot read image {path}: {type(exc).__name__}: {exc}",
+                             [Problem("unreadable", str(path), f"{type(exc).__name__}: {exc}")]
+                             ) from exc
+
+
 def outside_problem(m: Manifest, label: Path, image: Path, values: list[int]) -> Problem:
     shown = ", ".join(m.format_raw(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
     return Problem("outside_map", str(label),
@@ -289,11 +301,12 @@ def size_problem(label: Path, image: Path, img_wh: tuple[int, int], lbl_wh: tupl
                    (), str(image))
 
 
-def inspect_pair(decoder: LabelDecoder, image: Path, label: Path) -> list[Problem]:
-    """Problems of one pair without decoding the image (its size comes from the header)."""
+def inspect_pair(decoder: LabelDecoder, image: Path, label: Path, decode_image: bool = False) -> list[Problem]:
+    """Problems of one pair; the image's size comes from its header, or with ``decode_image`` from a
+    full decode (which also finds images cut short)."""
     problems: list[Problem] = []
     try:
-        img_wh = image_size(image)
+        img_wh = decoded_size(image) if decode_image else image_size(image)
     except BadSampleError as exc:
         problems += exc.problems
         img_wh = None
@@ -312,14 +325,14 @@ def inspect_pair(decoder: LabelDecoder, image: Path, label: Path) -> list[Proble
 
 # ============================================================================ the dataset
 
-def map_pairs(decoder: LabelDecoder, pairs: Sequence[tuple[Path, Path]], num_workers: int
-               ) -> list[list[Problem]]:
+def map_pairs(decoder: LabelDecoder, pairs: Sequence[tuple[Path, Path]], num_workers: int,
+              decode_images: bool = False) -> list[list[Problem]]:
     """``inspect_pair`` over pairs, in threads when ``num_workers > 0`` (PIL decodes outside
     the GIL)."""
     if num_workers <= 0:
-        return [inspect_pair(decoder, i, l) for i, l in pairs]
+        return [inspect_pair(decoder, i, l, decode_images) for i, l in pairs]
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
-        return list(pool.map(lambda p: inspect_pair(decoder, *p), pairs))
+        return list(pool.map(lambda p: inspect_pair(decoder, *p, decode_images), pairs))
 
 
 # ============================================================================ dataset check

@@ -7,19 +7,21 @@
     path   str                the image file
 
 With ``on_bad="error"`` a bad sample (see ``gkd.data.layout``) raises ``BadSampleError`` naming the
-file. With ``on_bad="skip"`` the sample is dropped, logged and recorded in ``dataset.skipped``:
-pairing problems at construction; decode-time problems lazily — the bad index is remembered and
-``__getitem__`` returns the next good sample instead (so a DataLoader keeps its length). Lazily found
-skips are counted in the process that found them (each DataLoader worker has its own copy); call
-``dataset.validate()`` once before training for an exact, upfront count — it decodes every label,
-drops the bad samples and returns the problems.
+file. With ``on_bad="skip"`` the sample is dropped, logged and recorded in ``dataset.skipped`` (the
+problems) and ``dataset.skipped_images`` (one image path per dropped sample): pairing problems at
+construction; decode-time problems lazily — the bad index is remembered and ``__getitem__`` returns
+the next good sample instead (so a DataLoader keeps its length). Lazily found skips are counted in
+the process that found them (each DataLoader worker has its own copy, which the main process never
+sees); call ``dataset.validate(decode_images=True)`` once before training for an exact, upfront
+count — it decodes every label (and image), drops the bad samples and returns the problems. Stage 3
+does so with ``data.on_bad=skip``.
 """
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Any, Callable, Tuple
 
 import numpy as np
 import torch
@@ -49,7 +51,8 @@ class SegDataset(Dataset):
     """Image/label pairs of one manifest split (see the module docstring for items and bad input).
 
     Attributes: ``manifest``, ``split``, ``root``, ``samples`` (list of (image, label) paths),
-    ``classes``, ``palette``, ``num_classes``, ``ignore_index``, ``skipped`` (list of ``Problem``).
+    ``classes``, ``palette``, ``num_classes``, ``ignore_index``, ``skipped`` (list of ``Problem``),
+    ``skipped_images`` (the image path of each dropped sample, once).
     """
 
     def __init__(self, manifest: ManifestLike, split: str, root: str | os.PathLike | None = None,
@@ -61,6 +64,7 @@ class SegDataset(Dataset):
         self.root = resolve_root(self.manifest, root)
         self.decoder = LabelDecoder(self.manifest)
         self.skipped: list[Problem] = []
+        self.skipped_images: list[str] = []
         self._bad: set[int] = set()
 
         listing = list_split(self.manifest, split, self.root)
@@ -70,7 +74,8 @@ class SegDataset(Dataset):
         if listing.unpaired_images:
             problems = [Problem("missing_label", str(img), f"no label file {lbl}")
                         for img, lbl in listing.unpaired_images]
-            self._bad_input(problems, f"{where}: {len(problems)} image(s) without a label")
+            self._bad_input(problems, f"{where}: {len(problems)} image(s) without a label",
+                            [str(img) for img, _ in listing.unpaired_images])
         if listing.unpaired_labels:
             logger.warning("%s: %d label file(s) without an image (unused), e.g. %s", where,
                            len(listing.unpaired_labels), listing.unpaired_labels[0])
@@ -101,6 +106,7 @@ class SegDataset(Dataset):
 
     @property
     def num_skipped(self) -> int:
+        """Problems recorded (a sample can have several); ``len(skipped_images)`` counts samples."""
         return len(self.skipped)
 
     def __len__(self) -> int:
@@ -119,14 +125,15 @@ class SegDataset(Dataset):
                 f"samples={len(self)}, skipped={self.num_skipped})")
 
     # -- bad input
-    def _bad_input(self, problems: list[Problem], summary: str) -> None:
-        """Raise (on_bad=error) or record and log (on_bad=skip) bad samples."""
+    def _bad_input(self, problems: list[Problem], summary: str, images: list[str]) -> None:
+        """Raise (on_bad=error) or record and log (on_bad=skip) bad samples (``images``: theirs)."""
         if self.on_bad == "error":
             lines = "\n  ".join(map(str, problems[:10]))
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise BadSampleError(f"{summary}:\n  {lines}{more}\n(on_bad='skip' drops such samples; "
                                  "`gkd data check` lists all of them)", problems)
         self.skipped += problems
+        self.skipped_images += images
         for p in problems[:10]:
             logger.warning("skipping bad sample: %s", p)
         if len(problems) > 10:
@@ -172,24 +179,35 @@ class SegDataset(Dataset):
                 return self._item(j)
             except BadSampleError as exc:
                 self._bad.add(j)
-                self._bad_input(exc.problems, f"dataset {self.manifest.name!r}")
+                self._bad_input(exc.problems, f"dataset {self.manifest.name!r}", [str(self.samples[j][0])])
         raise BadSampleError(f"dataset {self.manifest.name!r} split {self.split!r}: all {n} "
                              "samples are bad", self.skipped)
 
-    def validate(self, num_workers: int = 0) -> list[Problem]:
-        """Check every sample upfront (label fully decoded, image size from its header).
+    def validate(self, num_workers: int = 0, decode_images: bool = False, *, rank: int = 0, world_size: int = 1,
+                 gather: Callable[[list[Any]], list[Any]] | None = None) -> list[Problem]:
+        """Check every sample upfront: label fully decoded, image size from its header or, with
+        ``decode_images``, from a full decode (all ``__getitem__`` could fail on; about one
+        image + label decode per sample, in ``num_workers`` threads).
+
+        Distributed: each of ``world_size`` processes checks every ``world_size``-th sample from
+        ``rank`` on and ``gather`` (e.g. ``accelerate.utils.gather_object``: a list from each
+        process → their concatenation) shares the findings, so all drop the same samples.
 
         ``on_bad="error"``: raises BadSampleError listing the problems. ``on_bad="skip"``: drops
-        the bad samples from ``samples``, records them in ``skipped`` and returns them.
+        the bad samples from ``samples``, records them in ``skipped`` / ``skipped_images`` and
+        returns the problems.
         """
-        problems_per = map_pairs(self.decoder, self.samples, num_workers)
-        bad = [i for i, ps in enumerate(problems_per) if ps]
-        problems = [p for ps in problems_per for p in ps]
+        mine = range(rank, len(self.samples), world_size)
+        found = map_pairs(self.decoder, [self.samples[i] for i in mine], num_workers, decode_images)
+        bad = [(i, ps) for i, ps in zip(mine, found) if ps]
+        if gather is not None:
+            bad = sorted(gather(bad), key=lambda item: item[0])
+        problems = [p for _, ps in bad for p in ps]
         if problems:
             self._bad_input(problems, f"dataset {self.manifest.name!r} split {self.split!r}: "
-                                      f"{len(bad)} bad sample(s)")
-            keep = set(range(len(self.samples))) - set(bad)
-            self.samples = [s for i, s in enumerate(self.samples) if i in keep]
+                                      f"{len(bad)} bad sample(s)", [str(self.samples[i][0]) for i, _ in bad])
+            drop = {i for i, _ in bad}
+            self.samples = [s for i, s in enumerate(self.samples) if i not in drop]
             self._bad.clear()  # indices changed
         return problems
 

@@ -11,6 +11,11 @@ Two source layouts are recognised (``detect_layout``):
 Class indices follow the sorted class names found in the source, unless ``classes`` fixes the
 list (e.g. all 1000 ImageNet wnids, so that a subset keeps the ImageNet-1k index).
 
+No file under the source is dropped silently: a file the layout does not take (nested deeper than
+it reads, not an image by its suffix, loose images beside class folders, hidden) is counted by
+reason, logged with the first few paths and recorded in the index (``num_ignored``, ``ignored``);
+an image that cannot be read is counted in ``num_skipped`` / ``skipped``.
+
 Each sample is written as ``__key__`` (file stem, see ``_make_keys``), ``jpg`` (the file's
 original bytes when it is a JPEG; anything else is converted to RGB JPEG) and ``cls`` (ASCII int).
 Shards are ``{prefix}-000000.tar, ...``; each one is written to a temporary name and moved into
@@ -33,7 +38,7 @@ from typing import Iterable, Iterator, Sequence
 import webdataset as wds
 from PIL import Image
 
-from gkd.atomic import write_text_atomic
+from gkd.atomic import check_writable, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,14 @@ _WNID_RE = re.compile(r"^(n\d{8})_")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 # A fixed tar member mtime makes shards byte-identical across runs of the same input.
 _TAR_MTIME = 0.0
+# Why a file under the source folder was not taken (index key -> what the messages say).
+IGNORED_REASONS = {
+    "nested": "nested too deep",
+    "not_image": "not an image",
+    "outside_classes": "outside the class folders",
+    "hidden": "hidden",
+}
+_SHOWN = 5  # paths a warning names per reason
 
 
 @dataclass
@@ -63,6 +76,8 @@ class ShardIndex:
     shuffled: bool = True
     num_skipped: int = 0
     skipped: list[str] = field(default_factory=list)
+    num_ignored: dict[str, int] = field(default_factory=dict)  # files the layout did not take, by reason
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # their paths (relative, the first ones)
     num_converted: int = 0
     sources: list = field(default_factory=list)  # the dataset splits the images come from (manifest, split, root)
     root: str = ""  # folder holding the shards (not saved: it is wherever the index lies)
@@ -70,6 +85,10 @@ class ShardIndex:
     @property
     def num_samples(self) -> int:
         return int(sum(self.counts))
+
+    def ignored_summary(self) -> str:
+        """``3 not taken (2 nested too deep, 1 not an image)``, or ``0 not taken``."""
+        return not_taken_summary(self.num_ignored)
 
     @property
     def shard_paths(self) -> list[str]:
@@ -122,10 +141,89 @@ def detect_layout(src_dir: Path) -> str:
     return "flat"
 
 
+@dataclass
+class NotTaken:
+    """Files under a source folder that its layout does not take: ``counts[reason]`` and the first
+    ``limit`` relative paths per reason (``IGNORED_REASONS``, plus ``unreadable``: image names
+    that are not regular files, e.g. broken links). A hidden folder is one entry (``name/``)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    paths: dict[str, list[str]] = field(default_factory=dict)
+    limit: int = 1000
+
+    def add(self, reason: str, rel: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        listed = self.paths.setdefault(reason, [])
+        if len(listed) < self.limit:
+            listed.append(rel)
+
+
+def not_taken_summary(counts: dict[str, int]) -> str:
+    """``3 not taken (2 nested too deep, 1 not an image)``, or ``0 not taken``."""
+    parts = [f"{counts[r]} {IGNORED_REASONS.get(r, r)}" for r in IGNORED_REASONS if counts.get(r)]
+    return f"{sum(counts.values())} not taken" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def find_not_taken(src_dir: str | os.PathLike, layout: str, limit: int = 1000) -> NotTaken:
+    """Every file under ``src_dir`` that ``list_images`` does not take for ``layout``, by reason.
+
+    Mirrors ``list_images``' rule (class folders: ``src/<class>/<image>``; flat: ``src/<image>``),
+    so nothing is dropped unseen; symlinked folders are followed once."""
+    out = NotTaken(limit=limit)
+    depth_taken = 2 if layout == "class_folders" else 1
+    seen: set[str] = set()
+    stack = [("", 1)]  # (folder relative to src, '/'-terminated; depth of its files)
+    while stack:
+        rel_dir, depth = stack.pop()
+        folder = os.path.join(src_dir, rel_dir)
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            continue
+        seen.add(real)
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs = []
+        for e in entries:  # DirEntry caches the file type: no stat per taken image (ImageNet: 1.28M)
+            is_dir = e.is_dir()
+            if e.name.startswith("."):
+                out.add("hidden", rel_dir + e.name + ("/" if is_dir else ""))
+            elif is_dir:
+                subdirs.append((rel_dir + e.name + "/", depth + 1))
+            elif os.path.splitext(e.name)[1].lower() not in IMAGE_SUFFIXES:
+                out.add("not_image", rel_dir + e.name)
+            elif not e.is_file():
+                out.add("unreadable", rel_dir + e.name)
+            elif depth == depth_taken:
+                continue  # taken
+            elif layout == "class_folders" and depth == 1:
+                out.add("outside_classes", rel_dir + e.name)
+            else:
+                out.add("nested", rel_dir + e.name)
+        stack += reversed(subdirs)  # depth first, in name order
+    order = [*IGNORED_REASONS, "unreadable"]  # a fixed order for the index and the messages
+    out.counts = {r: out.counts[r] for r in order if r in out.counts}
+    out.paths = {r: sorted(out.paths[r]) for r in order if r in out.paths}
+    return out
+
+
+def _warn_not_taken(src: Path, layout: str, nt: NotTaken) -> None:
+    reasons = {r: n for r, n in nt.counts.items() if r in IGNORED_REASONS}
+    if not reasons:
+        return
+    parts = []
+    for r, n in reasons.items():
+        shown = nt.paths[r][:_SHOWN]
+        parts.append(f"{n} {IGNORED_REASONS[r]}{' for the ' + layout + ' layout' if r == 'nested' else ''} "
+                     f"(e.g. {', '.join(shown)}{', ...' if n > len(shown) else ''})")
+    logger.warning("%s: %d file(s) not taken: %s (listed in the index under 'ignored')", src,
+                   sum(reasons.values()), "; ".join(parts))
+
+
 def list_images(src_dir: str | os.PathLike) -> tuple[str, list[tuple[Path, str | None]]]:
     """Return (layout, sorted list of (path, class name or None)).
 
-    Raises FileNotFoundError for a missing folder and ValueError when it holds no images.
+    Raises FileNotFoundError for a missing folder and ValueError when it holds no images (saying
+    where images lie when they are nested deeper than the layouts read).
     """
     src = Path(src_dir)
     if not src.is_dir():
@@ -133,9 +231,6 @@ def list_images(src_dir: str | os.PathLike) -> tuple[str, list[tuple[Path, str |
     layout = detect_layout(src)
     items: list[tuple[Path, str | None]] = []
     if layout == "class_folders":
-        loose = _images_in(src)
-        if loose:
-            logger.warning("%s: ignoring %d images outside the class folders", src, len(loose))
         for d in sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".")):
             items += [(p, d.name) for p in _images_in(d)]
     else:
@@ -143,7 +238,12 @@ def list_images(src_dir: str | os.PathLike) -> tuple[str, list[tuple[Path, str |
             m = _WNID_RE.match(p.name)
             items.append((p, m.group(1) if (layout == "flat_wnid" and m) else None))
     if not items:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {src}")
+        nested = find_not_taken(src, layout, limit=1)
+        deeper = ""
+        if nested.counts.get("nested"):
+            deeper = (f"; {nested.counts['nested']} images lie deeper (e.g. {nested.paths['nested'][0]}): pass "
+                      "the folder that holds them directly or in class sub-folders")
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {src}{deeper}")
     return layout, items
 
 
@@ -346,8 +446,11 @@ def write_shards(
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     src, out = Path(src_dir), Path(out_dir)
+    not_taken = NotTaken()
     if files is None:
         layout, items = list_images(src)
+        not_taken = find_not_taken(src, layout, limit=max_skipped_listed)
+        _warn_not_taken(src, layout, not_taken)
     else:
         layout, items = "files", [(Path(f), None) for f in sorted(set(map(str, files)))]
         if not items:
@@ -357,18 +460,23 @@ def write_shards(
     class_list, class_to_idx = _class_index((c for _, c in items), classes)
     make_keys = _make_keys if files is None else _make_file_keys
     keys = make_keys(src, [p for p, _ in items])
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "the shard folder").mkdir(parents=True, exist_ok=True)
 
     sink = _AtomicShardSink(out, prefix, shard_size)
-    skipped: list[str] = []
+    # image names that are no regular file (broken links) are unreadable images too
+    skipped: list[str] = not_taken.paths.pop("unreadable", [])
+    num_skipped = not_taken.counts.pop("unreadable", 0)
+    for rel in skipped[:10]:
+        logger.warning("skipping unreadable image %s (not a regular file)", src / rel)
     converted = 0
     try:
         loaded = _iter_loaded([p for p, _ in items], verify, num_workers)
         for (path, cname), key, (data, was_converted, err) in zip(items, keys, loaded):
             if data is None:
-                if len(skipped) < 10:
+                if num_skipped < 10:
                     logger.warning("skipping unreadable image %s (%s)", path, err)
                 skipped.append(str(path.relative_to(src)) if files is None else str(path))
+                num_skipped += 1
                 continue
             converted += was_converted
             label = class_to_idx[cname] if cname is not None else -1
@@ -382,11 +490,12 @@ def write_shards(
 
     index = ShardIndex(shards=sink.names, counts=sink.counts, classes=class_list, layout=layout,
                        prefix=prefix, seed=seed if shuffle else None, shuffled=shuffle,
-                       num_skipped=len(skipped), skipped=skipped[:max_skipped_listed],
-                       num_converted=converted, sources=[dict(source)] if source else [], root=str(out))
+                       num_skipped=num_skipped, skipped=skipped[:max_skipped_listed],
+                       num_ignored=dict(not_taken.counts), ignored=dict(not_taken.paths), num_converted=converted,
+                       sources=[dict(source)] if source else [], root=str(out))
     write_text_atomic(index_path(out, prefix), json.dumps(index.to_json(), indent=1) + "\n")
     _warn_stale(out, prefix, sink.names)
     logger.info("wrote %d samples (%d classes, layout %s) into %d shards in %s; "
-                "skipped %d unreadable, converted %d to JPEG", index.num_samples, len(class_list),
-                layout, len(sink.names), out, len(skipped), converted)
+                "skipped %d unreadable, %s, converted %d to JPEG", index.num_samples, len(class_list),
+                layout, len(sink.names), out, num_skipped, index.ignored_summary(), converted)
     return index

@@ -55,7 +55,14 @@ in ``skipped`` and logged once per key.
 Total samples come from, in order: the ``num_samples`` argument, the index JSON written by
 ``gkd.data.shards.write_shards`` (found beside the shards), or counting the members of every local
 tar (reads all tar headers once; remote shards need an index or ``num_samples``). When an index is
-known, each shard's sample count is checked as it is read, which also catches truncated tars.
+known, each shard's sample count is checked as it is read, which also catches truncated tars (a tar
+cut short reads as a shorter valid one: Python's tarfile stops quietly at a partial header); without
+one, a local shard's tar headers are checked after it is read.
+
+A shard that cannot be read raises ``ShardReadError`` (a ``gkd.errors.GKDError``) naming it, also
+from a DataLoader worker: the worker hands the message to the main process, whose loader raises it
+as it is (torch would re-raise it wrapped in the worker's whole traceback). ``check_shards`` (behind
+``gkd data verify``) reads every shard fully before a long run and reports each bad one.
 """
 from __future__ import annotations
 
@@ -67,8 +74,10 @@ import itertools
 import logging
 import os
 import random
+import re
 import tarfile
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -80,6 +89,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gkd.data.shards import ShardIndex
+from gkd.errors import GKDError
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +98,13 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 _MAX_LOOKAHEAD = 10_000  # raw samples searched for a donor when a whole batch is undecodable
 RA_ROUND = 256  # RASampler rounds the epoch down to a multiple of this many samples
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "sftp://", "scp://", "ais://")
+_VERIFY_HINT = "`gkd data verify` checks every shard"
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 
 
-class ShardReadError(RuntimeError):
-    """A shard is missing, truncated or not a valid tar. The message names the shard."""
+class ShardReadError(GKDError, RuntimeError):
+    """A shard is missing, truncated or not a valid tar. The message names the shard (one line)."""
 
 
 # ============================================================================ shard resolution
@@ -127,14 +138,17 @@ def _check_exist(urls: Sequence[str]) -> None:
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(_local_path(u))]
     if missing:
         shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist: {shown}")
+        hint = ""
+        if any(c in u for u in missing for c in "*?["):  # braceexpand does not glob
+            hint = " (wildcards are not expanded: give a brace pattern, a folder or an index JSON)"
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist: {shown}{hint}")
 
 
 def _from_index(path: str) -> ShardSet:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard index not found: {path}")
     index = ShardIndex.load(path)
-    urls = index.shard_paths
-    _check_exist(urls)
-    return ShardSet(urls=urls, counts=list(index.counts), classes=list(index.classes),
+    return ShardSet(urls=index.shard_paths, counts=list(index.counts), classes=list(index.classes),
                     sources=list(index.sources))
 
 
@@ -154,6 +168,12 @@ def _from_dir(path: str) -> ShardSet:
 def _counts_from_neighbour_indexes(urls: Sequence[str]) -> tuple[list[int] | None, list[str], list[dict]]:
     """Per-shard counts, classes and dataset sources from ``*-index.json`` files in the shards' folders
     (counts only if they cover all shards)."""
+    counts, classes, sources = _neighbour_indexes(urls)
+    return (None, [], sources) if any(c is None for c in counts) else (counts, classes, sources)
+
+
+def _neighbour_indexes(urls: Sequence[str]) -> tuple[list[int | None], list[str], list[dict]]:
+    """``_counts_from_neighbour_indexes`` with a count per shard (None: no index lists it)."""
     known: dict[str, int] = {}
     classes: list[str] = []
     sources: list[dict] = []
@@ -168,31 +188,99 @@ def _counts_from_neighbour_indexes(urls: Sequence[str]) -> tuple[list[int] | Non
             known.update({os.path.abspath(p): c for p, c in zip(index.shard_paths, index.counts)})
             if wanted & {os.path.abspath(p) for p in index.shard_paths}:
                 sources += [s for s in index.sources if s not in sources]
-    counts = [known.get(os.path.abspath(_local_path(u))) for u in urls]
-    return (None, [], sources) if any(c is None for c in counts) else (counts, classes, sources)
+    return [known.get(os.path.abspath(_local_path(u))) for u in urls], classes, sources
+
+
+# ============================================================================ tar integrity
+
+_BLOCK = tarfile.BLOCKSIZE
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these members
+_BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+@dataclass
+class TarScan:
+    """What one walk over a local tar found: ``samples`` as webdataset groups them (consecutive
+    members sharing a key), the keys of samples without an image field or with an undecodable one,
+    and ``problem``: why the tar itself is bad (unreadable, cut short), or ``""``."""
+
+    samples: int = 0
+    no_image: list[str] = field(default_factory=list)
+    undecodable: list[str] = field(default_factory=list)  # "key: error"
+    problem: str = ""
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: message`` without the `` @ <stream>`` webdataset appends to the message."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return f"{type(exc).__name__}: {text.split(' @ ')[0]}"
+
+
+def scan_tar(url: str, *, read: bool = False, decode: bool = False) -> TarScan:
+    """Walk one local tar member by member: count samples, check that every sample has an image
+    field, that every member lies inside the file and that the end-of-archive block follows the
+    last one (tarfile ends quietly at a partial or garbled header, so a cut tar would look
+    complete). ``read`` also reads every member's bytes; ``decode`` decodes every image."""
+    scan = TarScan()
+    key: str | None = None
+    fields: dict[str, bytes | None] = {}
+    path = _local_path(url)
+
+    def close_sample() -> None:
+        if key is None:
+            return
+        scan.samples += 1
+        image = next((k for k in IMAGE_FIELDS if k in fields), None)
+        if image is None:
+            scan.no_image.append(key)
+        elif decode:
+            try:
+                decode_image({image: fields[image]})
+            except _DECODE_ERRORS as exc:  # PIL names the in-memory file: noise in a report
+                scan.undecodable.append(f"{key}: {type(exc).__name__}: {_BYTESIO.sub('', str(exc))}")
+
+    last, end = "", 0
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                last, end = member.name, member.offset_data + -(-member.size // _BLOCK) * _BLOCK
+                name = member.name
+                if not member.isreg() or _SKIP_META.match(name) or (
+                        "/" not in name and name.startswith("__") and name.endswith("__")):
+                    continue
+                prefix, suffix = wds.tariterators.base_plus_ext(name)
+                if prefix is None:
+                    continue
+                if prefix != key:
+                    close_sample()
+                    key, fields = prefix, {}
+                data = tar.extractfile(member).read() if read or decode else None
+                fields[suffix.lower()] = data
+                tar.members = []  # keep memory flat over big shards (tarfile lists every member)
+            close_sample()
+            f.seek(end)
+            tail = f.read(_BLOCK)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        after = f" after {scan.samples} samples" if scan.samples else ""
+        scan.problem = f"unreadable{after} (truncated or not a tar?): {_reason(exc)}"
+        return scan
+    if len(tail) < _BLOCK or tail.count(0) != _BLOCK:
+        scan.problem = (f"truncated or corrupt after {scan.samples} samples (no end-of-archive block after "
+                        f"member {last})")
+    return scan
 
 
 def count_tar_samples(url: str) -> int:
-    """Number of samples (distinct keys) in one local tar; reads every member header."""
-    keys = set()
-    try:
-        with tarfile.open(_local_path(url), "r:") as tar:
-            for member in tar:
-                if member.isreg():
-                    keys.add(wds.tariterators.base_plus_ext(member.name)[0])
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ShardReadError(f"cannot read shard {url} (truncated or not a tar?): {exc}") from exc
-    keys.discard(None)
-    return len(keys)
+    """Number of samples in one local tar (as the reader groups them); reads every member header
+    and raises ``ShardReadError`` for a tar that is cut short or unreadable."""
+    scan = scan_tar(url)
+    if scan.problem:
+        raise ShardReadError(f"shard {url}: {scan.problem}; {_VERIFY_HINT}")
+    return scan.samples
 
 
-def resolve_shards(spec: ShardSpec, num_samples: int | None = None) -> ShardSet:
-    """Turn a shard spec into a checked ``ShardSet``.
-
-    ``spec``: a brace pattern (``dir/train-{000000..000012}.tar``), a list of paths/patterns, a
-    folder (its single ``*-index.json``, else all its ``*.tar``) or an index JSON. Missing local
-    shards raise ``FileNotFoundError`` naming them.
-    """
+def _resolve(spec: ShardSpec) -> ShardSet:
+    """The URLs (and an index's counts) a spec names, unchecked."""
     if isinstance(spec, (str, os.PathLike)):
         s = os.fspath(spec)
         if os.path.isdir(s):
@@ -205,6 +293,17 @@ def resolve_shards(spec: ShardSpec, num_samples: int | None = None) -> ShardSet:
         shard_set = ShardSet(urls=[u for item in spec for u in braceexpand(os.fspath(item))])
     if not shard_set.urls:
         raise ValueError(f"shard spec {spec!r} names no shards")
+    return shard_set
+
+
+def resolve_shards(spec: ShardSpec, num_samples: int | None = None) -> ShardSet:
+    """Turn a shard spec into a checked ``ShardSet``.
+
+    ``spec``: a brace pattern (``dir/train-{000000..000012}.tar``), a list of paths/patterns, a
+    folder (its single ``*-index.json``, else all its ``*.tar``) or an index JSON. Missing local
+    shards raise ``FileNotFoundError`` naming them.
+    """
+    shard_set = _resolve(spec)
     _check_exist(shard_set.urls)
     if shard_set.counts is None:
         shard_set.counts, shard_set.classes, shard_set.sources = _counts_from_neighbour_indexes(shard_set.urls)
@@ -225,14 +324,111 @@ def count_samples(spec: ShardSpec, num_samples: int | None = None) -> int:
     return resolve_shards(spec, num_samples=num_samples).num_samples
 
 
+@dataclass
+class ShardVerdict:
+    """One shard as ``check_shards`` found it; ``problems`` empty when it is good."""
+
+    url: str
+    samples: int = 0
+    expected: int | None = None  # the index's count
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        return f"bad shard {self.url}: " + "; ".join(self.problems)
+
+
+@dataclass
+class ShardReport:
+    """``check_shards`` result: one verdict per shard; ``ok`` when all are good."""
+
+    shards: list[ShardVerdict]
+    decoded: bool = False
+
+    @property
+    def bad(self) -> list[ShardVerdict]:
+        return [v for v in self.shards if not v.ok]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(v.samples for v in self.shards)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+    def summary(self) -> str:
+        return f"{len(self.shards)} shards, {self.num_samples} samples, {len(self.bad)} bad"
+
+    def lines(self) -> list[str]:
+        """One line per bad shard, then the summary."""
+        return [v.line() for v in self.bad] + [self.summary()]
+
+
+def _listed(what: str, items: Sequence[str], shown: int = 3) -> str:
+    """``2 samples without ... (e.g. a, b)``: the count, then the first few."""
+    more = ", ..." if len(items) > shown else ""
+    return f"{len(items)} {what.replace('(s)', '' if len(items) == 1 else 's')} (e.g. {', '.join(items[:shown])}{more})"
+
+
+def _verdict(job: tuple[str, int | None, bool]) -> ShardVerdict:
+    """Read one shard fully (a process-pool job of ``check_shards``)."""
+    url, expected, decode = job
+    verdict = ShardVerdict(url, expected=expected)
+    if not os.path.isfile(_local_path(url)):
+        verdict.problems.append("does not exist")
+        return verdict
+    scan = scan_tar(url, read=True, decode=decode)
+    verdict.samples = scan.samples
+    if scan.problem:
+        verdict.problems.append(scan.problem)
+    if expected is not None and scan.samples != expected:
+        verdict.problems.append(f"{scan.samples} samples, its index says {expected}")
+    if scan.no_image:
+        verdict.problems.append(_listed("sample(s) without an image field", scan.no_image))
+    if scan.undecodable:
+        verdict.problems.append(_listed("undecodable image(s)", scan.undecodable))
+    return verdict
+
+
+def check_shards(spec: ShardSpec, decode: bool = False, num_workers: int = 0) -> ShardReport:
+    """Read every shard of ``spec`` fully before a long run (``gkd data verify``) and report, per
+    shard: missing, unreadable or cut short, a sample count other than its index's, samples without
+    an image field and, with ``decode``, undecodable images. Never raises for a bad shard (a spec
+    naming nothing, a folder without shards or remote shards still raise). ``num_workers``
+    processes share the shards (0: this process)."""
+    shard_set = _resolve(spec)
+    remote = [u for u in shard_set.urls if not _is_local(u)]
+    if remote:
+        raise ValueError(f"only local shards can be verified, got {remote[0]}")
+    # a pattern or list: the counts of an index beside the shards, for those it lists
+    counts = shard_set.counts or _neighbour_indexes(shard_set.urls)[0]
+    jobs = [(u, c, decode) for u, c in zip(shard_set.urls, counts)]
+    verdicts: list[ShardVerdict] = []
+    with contextlib.ExitStack() as stack:
+        if num_workers > 0 and len(jobs) > 1:
+            results = stack.enter_context(ProcessPoolExecutor(max_workers=num_workers)).map(_verdict, jobs)
+        else:
+            results = map(_verdict, jobs)
+        for verdict in results:
+            verdicts.append(verdict)
+            if len(verdicts) % 100 == 0:  # a long check says it is alive
+                logger.info("verified %d of %d shards", len(verdicts), len(jobs))
+    return ShardReport(verdicts, decoded=decode)
+
+
 def verify_shards(spec: ShardSpec) -> ShardSet:
-    """Read every shard's tar headers (pre-flight check); raises ``ShardReadError`` naming a bad
-    shard or a count that disagrees with the index."""
+    """Read every shard fully (pre-flight check); raises ``ShardReadError`` naming the first bad
+    shard (a missing one: ``FileNotFoundError``), e.g. one cut short or whose count disagrees with
+    the index."""
     shard_set = resolve_shards(spec)
-    for i, url in enumerate(shard_set.urls):
-        n = count_tar_samples(url)
-        if shard_set.counts is not None and n != shard_set.counts[i]:
-            raise ShardReadError(f"shard {url} holds {n} samples but its index says {shard_set.counts[i]}")
+    report = check_shards(spec)
+    if report.bad:
+        more = f" (and {len(report.bad) - 1} more bad shards)" if len(report.bad) > 1 else ""
+        raise ShardReadError(report.bad[0].line() + more)
     return shard_set
 
 
@@ -288,7 +484,8 @@ def read_plan(order: Sequence[int], rank: int, world_size: int, worker: int, num
 # ============================================================================ streaming helpers
 
 def _read_shard(url: str, expected: int | None) -> Iterator[dict]:
-    """Raw samples of one tar (bytes, undecoded); errors name the shard."""
+    """Raw samples of one tar (bytes, undecoded); errors name the shard. Without an ``expected``
+    count a local tar's headers are checked afterwards (a tar cut short reads as a shorter one)."""
     n = 0
     try:
         for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
@@ -296,12 +493,16 @@ def _read_shard(url: str, expected: int | None) -> Iterator[dict]:
             yield sample
     except (ShardReadError, GeneratorExit):
         raise
+    except FileNotFoundError as exc:
+        raise ShardReadError(f"shard {url} does not exist (moved or deleted after the run started?)") from exc
     except Exception as exc:  # tarfile / gopen / webdataset errors: say which shard
         raise ShardReadError(f"cannot read shard {url} after {n} samples (truncated or corrupt tar?): "
-                             f"{type(exc).__name__}: {exc}") from exc
+                             f"{_reason(exc)}; {_VERIFY_HINT}") from exc
+    if expected is None and _is_local(url):
+        expected = count_tar_samples(url)  # raises naming the shard when it is cut short
     if expected is not None and n != expected:
         raise ShardReadError(f"shard {url} holds {n} samples but its index says {expected} "
-                             "(truncated or replaced shard?)")
+                             f"(truncated or replaced shard? {_VERIFY_HINT})")
 
 
 def _one_pass(plan: ReadPlan, urls: Sequence[str], counts: Sequence[int] | None) -> Iterator[dict]:
@@ -349,8 +550,10 @@ def _reader_stream(plan: ReadPlan, urls: Sequence[str], counts: Sequence[int] | 
             kept += 1
             yield sample
         if kept == 0:
-            raise RuntimeError(f"reader {plan} got no samples from its shards: fewer samples than "
-                               "ranks x workers?")
+            names = sorted({os.path.basename(urls[i]) for i in plan.shards})
+            raise ShardReadError(f"a reader got no samples from its {len(names)} shard(s) ({', '.join(names[:3])}"
+                                 f"{', ...' if len(names) > 3 else ''}): fewer samples than ranks x DataLoader "
+                                 "workers? use fewer workers")
         n_pass += 1
 
 
@@ -416,6 +619,13 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 # ============================================================================ dataset
 
+@dataclass(frozen=True)
+class _ReaderFailure:
+    """What a DataLoader worker yields instead of a batch when its shards fail (see ``ShardLoader``)."""
+
+    message: str
+
+
 class ShardStream(IterableDataset):
     """Yields this rank's batches of one epoch (see module docstring); ``len`` = batches left."""
 
@@ -440,7 +650,18 @@ class ShardStream(IterableDataset):
         return read_plan(order, self.rank, self.world_size, worker, num_workers, self.repeats)
 
     # --- iteration ----------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[dict | _ReaderFailure]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except GKDError as exc:
+            # torch would re-raise it in the main process as a new exception whose message is the
+            # worker's whole traceback; ShardLoader raises this message alone
+            yield _ReaderFailure(str(exc))
+
+    def _batches(self) -> Iterator[dict]:
         info = get_worker_info()
         num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
         # Rotate roles on resume so that DataLoader worker 0 produces batch start_step.
@@ -485,8 +706,9 @@ class ShardStream(IterableDataset):
             got = self._decode(stream.peek(n))
             if got is not None:
                 return got
-        raise RuntimeError(f"no decodable image among {b + _MAX_LOOKAHEAD} consecutive samples "
-                           f"(rank {self.rank}); the shards look broken")
+        raise ShardReadError(f"no decodable image among {b + _MAX_LOOKAHEAD} consecutive samples (rank "
+                             f"{self.rank}, last in {stream.peek(_MAX_LOOKAHEAD - 1).get('__url__')}): the shards "
+                             f"look broken; `gkd data verify SHARDS --decode` lists the bad ones")
 
     def _prepare(self, img: Image.Image, sample: dict) -> dict[str, torch.Tensor]:
         """The slot's tensors: its image, augmented with the slot's own seed (so a donor image gets a
@@ -511,6 +733,39 @@ class ShardStream(IterableDataset):
 
 
 # ============================================================================ public builder
+
+class _RaisingIter:
+    """A DataLoader iterator that raises a worker's ``_ReaderFailure`` as a ``ShardReadError``."""
+
+    def __init__(self, it: Iterator) -> None:
+        self._it: Iterator | None = it
+
+    def __iter__(self) -> "_RaisingIter":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it) if self._it is not None else 0
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            raise StopIteration
+        item = next(self._it)
+        if isinstance(item, _ReaderFailure):
+            it, self._it = self._it, None
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:  # now, not whenever the traceback lets go of the iterator
+                shutdown()
+            raise ShardReadError(item.message)
+        return item
+
+
+class ShardLoader(DataLoader):
+    """The DataLoader ``build_shard_loader`` returns: a shard error in a worker process surfaces as
+    the worker's own one-line ``ShardReadError``."""
+
+    def __iter__(self) -> _RaisingIter:
+        return _RaisingIter(super().__iter__())
+
 
 def epoch_samples(num_samples: int, repeats: int = 1) -> int:
     """Samples (views) one epoch draws over all ranks, counted as the authors' samplers count.
@@ -595,5 +850,5 @@ def build_shard_loader(
                           epoch=epoch, seed=seed, steps_per_epoch=steps_per_epoch, start_step=start_step,
                           shuffle_buffer=shuffle_buffer, return_keys=return_keys, repeats=repeats)
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False, **extra)
+    return ShardLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                       pin_memory=pin_memory, persistent_workers=False, **extra)
