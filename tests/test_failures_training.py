@@ -490,3 +490,35 @@ def test_metrics_cut(tmp_path, offset_rows, keep_step, kept):
     removed = MetricsLog(path, Accelerator(cpu=True)).cut(2, offset, keep_step)
     assert path.read_text() == "".join(lines[i] for i in kept)
     assert removed == len(ROWS) + 1 - len(kept)
+
+
+@pytest.mark.slow
+def test_two_process_resume_falls_back_past_a_truncated_checkpoint(tmp_path, shards):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo, CPU): the newest checkpoint's weights
+    are cut short; the rerun's ranks agree to resume from the previous one and end bit-identical."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(repo / "stages" / "stage1.py"), *TINY, f"data.train_shards={shards}", f"out_dir={out}",
+           "data.repeats=1"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    whole = load_file(out / "encoder.safetensors")
+    assert _step_dirs(out) == ["step_00000010", "step_00000012"]
+    _truncate(out / "checkpoints" / "step_00000012" / "model.safetensors")
+    (out / "encoder.safetensors").unlink()
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr and "step_00000010 (step 10) instead of" in again.stderr
+    assert (out / "checkpoints" / "step_00000012.unusable").is_dir()
+    resumed = load_file(out / "encoder.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    steps = [r["step"] for r in _rows(out) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # no step logged twice
