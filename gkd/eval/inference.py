@@ -15,7 +15,7 @@ resolution than the input (e.g. stride 4) are bilinearly resized to the input si
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,3 +139,16 @@ def predict(model: Model, images: torch.Tensor, mode: str = "slide", resize: int
     else:
         raise ValueError(f"unknown inference mode {mode!r}; expected 'slide' or 'whole'")
     return _resize(scores, (h, w))
+
+
+def config_data(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``data`` section of the config recorded in a handoff file's metadata (empty when absent)."""
+    config = metadata.get("gkd_config")
+    data = config.get("data") if isinstance(config, Mapping) else None
+    return data if isinstance(data, Mapping) else {}
+
+
+def trained_crop_size(metadata: Mapping[str, Any]) -> int | None:
+    """The stage-3 training crop (``data.crop_size`` of the config in the file's metadata), if recorded."""
+    crop = config_data(metadata).get("crop_size")
+    return int(crop) if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 else None

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gkd.atomic import check_writable
+from gkd.eval.inference import config_data, trained_crop_size
 
 _log = logging.getLogger(__name__)
 
@@ -103,18 +104,6 @@ def collect_images(inputs: str | Path | Iterable[str | Path], recursive: bool = 
     if not out:
         raise ValueError(f"no images found in {', '.join(str(i) for i in inputs)}")
     return out
-
-
-def config_data(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
-    config = metadata.get("gkd_config")
-    data = config.get("data") if isinstance(config, Mapping) else None
-    return data if isinstance(data, Mapping) else {}
-
-
-def trained_crop_size(metadata: Mapping[str, Any]) -> int | None:
-    """The stage-3 training crop (``data.crop_size`` of the config in the file's metadata), if recorded."""
-    crop = config_data(metadata).get("crop_size")
-    return int(crop) if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 else None
 
 
 def resolve_palette(num_classes: int, metadata: Mapping[str, Any] | None = None,
