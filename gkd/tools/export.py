@@ -39,7 +39,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +179,27 @@ def _default_size(segmentor: Any, metadata: dict[str, Any]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _trace(wrapper: nn.Module, example: Tensor, path: Path, exporter: str, opset: int) -> None:
+def _size_and_opset(height: int | None, width: int | None, default: tuple[int, int], opset: int | None,
+                    exporter: str, default_opset: Mapping[str, int]) -> tuple[int, int, int]:
+    """The export's H, W (one given: the other equals it; none: `default`) and opset, checked."""
+    if height is None and width is None:
+        height, width = default
+    height = int(height if height is not None else width)
+    width = int(width if width is not None else height)
+    if height < 1 or width < 1:
+        raise ValueError(f"height and width must be positive, got {height} x {width}")
+    opset = int(opset) if opset is not None else default_opset[exporter]
+    if exporter == "dynamo" and opset < 18:
+        raise ValueError("the dynamo exporter needs opset 18 or newer")
+    return height, width, opset
+
+
+def _trace(wrapper: nn.Module, example: Tensor, path: Path, exporter: str, opset: int,
+           outputs: Sequence[str] = ("scores",), dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Export `wrapper` on `example` to `path`: input "images", `outputs`; dynamic_axes (torchscript)
+    default: the batch of every input and output (the dynamo exporter: the batch only)."""
+    names = ["images", *outputs]
+    dynamic_axes = dynamic_axes or {n: {0: "batch"} for n in names}
     if exporter == "torchscript":
         with warnings.catch_warnings(), _one_step_linspace():
             # Expected while tracing: shape-dependent Python branches are fixed at the export size,
@@ -189,8 +209,7 @@ def _trace(wrapper: nn.Module, example: Tensor, path: Path, exporter: str, opset
             warnings.filterwarnings("ignore", category=FutureWarning)
             torch.onnx.export(
                 wrapper, (example,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-                input_names=["images"], output_names=["scores"],
-                dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}},
+                input_names=["images"], output_names=list(outputs), dynamic_axes=dynamic_axes,
             )
         return
     if importlib.util.find_spec("onnxscript") is None:
@@ -202,7 +221,7 @@ def _trace(wrapper: nn.Module, example: Tensor, path: Path, exporter: str, opset
         warnings.filterwarnings("ignore", category=FutureWarning)
         torch.onnx.export(
             wrapper, (example,), str(path), dynamo=True, opset_version=opset, external_data=False,
-            input_names=["images"], output_names=["scores"], dynamic_shapes=({0: batch},), verbose=False,
+            input_names=["images"], output_names=list(outputs), dynamic_shapes=({0: batch},), verbose=False,
         )
 
 
@@ -252,8 +271,9 @@ def _write_metadata(path: Path, props: dict[str, str], doc: str) -> None:
         onnx.save(model, str(tmp))
 
 
-def _verify(segmentor: nn.Module, path: Path, height: int, width: int, batches: Sequence[int],
-            seed: int) -> dict[int, float]:
+def _verify(module: nn.Module, path: Path, height: int, width: int, batches: Sequence[int], seed: int,
+            outputs: Sequence[str] = ("scores",)) -> dict[int, float]:
+    """Largest |onnxruntime - PyTorch| over `outputs`, per batch size of random [0,1] inputs."""
     import numpy as np
     import onnxruntime as ort
 
@@ -263,11 +283,13 @@ def _verify(segmentor: nn.Module, path: Path, height: int, width: int, batches: 
     for b in batches:
         x = torch.rand(int(b), 3, height, width, generator=gen)
         with torch.no_grad():
-            ref = segmentor(x).float().numpy()
-        got = session.run(["scores"], {"images": x.numpy()})[0]
-        if got.shape != ref.shape:
-            raise RuntimeError(f"onnxruntime returned {got.shape} for batch {b}, PyTorch {ref.shape}")
-        diffs[int(b)] = float(np.abs(got - ref).max())
+            out = module(x)
+        refs = [m.float().numpy() for m in (out if isinstance(out, (tuple, list)) else (out,))]
+        gots = session.run(list(outputs), {"images": x.numpy()})
+        for got, ref in zip(gots, refs):
+            if got.shape != ref.shape:
+                raise RuntimeError(f"onnxruntime returned {got.shape} for batch {b}, PyTorch {ref.shape}")
+        diffs[int(b)] = max(float(np.abs(g - r).max()) for g, r in zip(gots, refs))
     return diffs
 
 
@@ -299,15 +321,8 @@ def export_onnx(
                                    verify=verify, verify_batches=verify_batches, seed=seed)
     segmentor, metadata = load_stage3(checkpoint)
     segmentor.eval()
-    if height is None and width is None:
-        height, width = _default_size(segmentor, metadata)
-    height = int(height if height is not None else width)
-    width = int(width if width is not None else height)
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height} x {width}")
-    opset = int(opset) if opset is not None else DEFAULT_OPSET[exporter]
-    if exporter == "dynamo" and opset < 18:
-        raise ValueError("the dynamo exporter needs opset 18 or newer")
+    height, width, opset = _size_and_opset(height, width, _default_size(segmentor, metadata), opset, exporter,
+                                           DEFAULT_OPSET)
     path = Path(out) if out is not None else checkpoint.with_suffix(".onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -490,15 +505,8 @@ def export_encoder_onnx(
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
     checkpoint = Path(checkpoint)
     loaded = load(checkpoint)
-    if height is None and width is None:
-        height, width = (int(s) for s in loaded.student.img_size)
-    height = int(height if height is not None else width)
-    width = int(width if width is not None else height)
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height} x {width}")
-    opset = int(opset) if opset is not None else ENCODER_OPSET[exporter]
-    if exporter == "dynamo" and opset < 18:
-        raise ValueError("the dynamo exporter needs opset 18 or newer")
+    default = tuple(int(s) for s in loaded.student.img_size)
+    height, width, opset = _size_and_opset(height, width, default, opset, exporter, ENCODER_OPSET)
     path = Path(out) if out is not None else checkpoint.with_suffix(".onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
     fixed_why = None if fixed_size else _dynamic_size_refusal(loaded.student, exporter, opset)
@@ -517,22 +525,8 @@ def export_encoder_onnx(
         try:
             tables = contextlib.nullcontext() if dynamic else _constant_position_tables(wrapper, height, width)
             symbolic = _antialiased_resize_symbolic(opset) if dynamic else contextlib.nullcontext()
-            with tables, symbolic, warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked below at other sizes
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                warnings.filterwarnings("ignore", category=FutureWarning)
-                if exporter == "torchscript":
-                    torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, opset_version=opset,
-                                      do_constant_folding=True, input_names=["images"], output_names=names,
-                                      dynamic_axes=dyn_axes)
-                else:
-                    if importlib.util.find_spec("onnxscript") is None:
-                        raise ImportError("the dynamo exporter needs the onnxscript package (pip install "
-                                          "onnxscript); or use --exporter torchscript")
-                    batch = torch.export.Dim("batch", min=1, max=4096)
-                    torch.onnx.export(wrapper, (example,), str(tmp), dynamo=True, opset_version=opset,
-                                      external_data=False, input_names=["images"], output_names=names,
-                                      dynamic_shapes=({0: batch},), verbose=False)
+            with tables, symbolic:
+                _trace(wrapper, example, tmp, exporter, opset, names, dyn_axes)
         except ImportError:
             raise
         except NotImplementedError as e:  # a RoPE student at another size than its training size
@@ -582,29 +576,8 @@ def export_encoder_onnx(
         # a dynamic graph is checked at the asked size and at the traced one (another token grid)
         result.verified_sizes = [(height, width)] + ([trace_hw] if dynamic and trace_hw != (height, width) else [])
         for i, (h, w) in enumerate(result.verified_sizes):
-            for b, d in _verify_maps(wrapper, path, h, w, verify_batches, seed + 1 + i).items():
+            for b, d in _verify(wrapper, path, h, w, verify_batches, seed + 1 + i, ENCODER_OUTPUTS).items():
                 result.max_abs_diff[b] = max(d, result.max_abs_diff.get(b, 0.0))
         result.verified = True
     result.note = "\n".join(notes)
     return result
-
-
-def _verify_maps(wrapper: nn.Module, path: Path, height: int, width: int, batches: Sequence[int],
-                 seed: int) -> dict[int, float]:
-    """Largest |onnxruntime - PyTorch| over the four maps, per batch size of random [0,1] inputs."""
-    import numpy as np
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(seed)
-    diffs = {}
-    for b in batches:
-        x = torch.rand(int(b), 3, height, width, generator=gen)
-        with torch.no_grad():
-            refs = [m.float().numpy() for m in wrapper(x)]
-        gots = session.run(list(ENCODER_OUTPUTS), {"images": x.numpy()})
-        for got, ref in zip(gots, refs):
-            if got.shape != ref.shape:
-                raise RuntimeError(f"onnxruntime returned {got.shape} for batch {b}, PyTorch {ref.shape}")
-        diffs[int(b)] = max(float(np.abs(g - r).max()) for g, r in zip(gots, refs))
-    return diffs
