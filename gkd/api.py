@@ -30,15 +30,14 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from gkd.handoff import read_metadata
 from gkd.models.segmentor import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Segmentor,
-    default_cnn_layers,
-    default_vit_layers,
+    feature_segmentor,
     is_segmentor_spec,
     load_encoder_for_segmentor,
     load_segmentor,
@@ -52,7 +51,6 @@ __all__ = ["load", "LoadedEncoder", "LoadedSegmentor", "to_batches", "MAP_NAMES"
 
 MAP_NAMES = ("feat4", "feat8", "feat16", "feat32")  # the decoder inputs, by stride (ViT p=16, CNNs)
 OUTPUTS = ("tokens", "maps")
-DEFAULT_CROP = 512  # = gkd.tools.predict.DEFAULT_CROP: slide window when the file records no crop
 
 ImageLike = Union[str, Path, np.ndarray, Any]  # Any: a PIL image
 Images = Union[Tensor, Sequence[ImageLike]]
@@ -112,23 +110,6 @@ def _resize(x: Tensor, size: Sequence[int] | None) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------
 # wrappers
-
-
-class _NoDecoder(nn.Module):
-    """Stands in for a decoder when a ``Segmentor`` only extracts features (never called)."""
-
-    num_classes = 1
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:  # pragma: no cover - a misuse guard
-        raise RuntimeError("this segmentor shell has no decoder: it only extracts features")
-
-
-def feature_segmentor(student: Student, mean: Sequence[float], std: Sequence[float]) -> Segmentor:
-    """A decoder-less ``Segmentor`` on ``student`` with stage 3's default feature levels
-    (``default_vit_layers`` / ``default_cnn_layers``, no feature norm): its ``distill_outputs(...,
-    logits=False).features`` are the maps a stage-3 decoder on this encoder would read."""
-    layers = default_vit_layers(student.depth) if student.kind == "vit" else default_cnn_layers(student)
-    return Segmentor(student, _NoDecoder(), decoder_name="none", num_classes=1, mean=mean, std=std, layers=layers)
 
 
 class _Embedder:
@@ -231,7 +212,7 @@ class LoadedSegmentor(_Embedder):
     @property
     def crop(self) -> int:
         """The default slide window: the stage-3 training crop recorded in the file, else 512."""
-        from gkd.eval.inference import trained_crop_size
+        from gkd.eval.inference import DEFAULT_CROP, trained_crop_size
 
         return trained_crop_size(self.metadata) or DEFAULT_CROP
 

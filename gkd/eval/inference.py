@@ -148,6 +148,9 @@ def config_data(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
     return data if isinstance(data, Mapping) else {}
 
 
+DEFAULT_CROP = 512  # the slide window when a segmentor file records no training crop
+
+
 def trained_crop_size(metadata: Mapping[str, Any]) -> int | None:
     """The stage-3 training crop (``data.crop_size`` of the config in the file's metadata), if recorded."""
     crop = config_data(metadata).get("crop_size")

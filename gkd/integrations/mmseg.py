@@ -33,10 +33,10 @@ from typing import Sequence
 
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
-from torch import Tensor, nn
+from torch import Tensor
 
 from gkd.handoff import read_metadata
-from gkd.models.segmentor import IMAGENET_MEAN, IMAGENET_STD, build_segmentor, load_encoder_for_segmentor
+from gkd.models.segmentor import IMAGENET_MEAN, IMAGENET_STD, feature_segmentor, load_encoder_for_segmentor
 
 __all__ = ["GKDEncoder", "data_preprocessor_norm"]
 
@@ -62,12 +62,9 @@ class GKDEncoder(BaseModule):
                  init_cfg: dict | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
         encoder, norm = load_encoder_for_segmentor(checkpoint)
-        # gkd's segmentor owns the feature extraction; build one and keep only that part: the decoder
-        # it needs to exist is replaced by a parameter-free Identity so that no decoder weights end
-        # up in mmseg's state dict or optimiser.
-        seg = build_segmentor(encoder, "mlp", num_classes=1, layers=layers, train_encoder=not frozen,
-                              channels=1, dropout=0.0)
-        seg.decoder = nn.Identity()
+        # gkd's segmentor owns the feature extraction: a decoder-less one, so that no decoder weights
+        # end up in mmseg's state dict or optimiser.
+        seg = feature_segmentor(encoder, layers=layers, train_encoder=not frozen)
         self.segmentor = seg
         self.frozen = bool(frozen)
         self.checkpoint = str(checkpoint)

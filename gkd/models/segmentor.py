@@ -46,6 +46,7 @@ from .weights import CheckpointError, check_input_norm
 __all__ = [
     "Segmentor",
     "build_segmentor",
+    "feature_segmentor",
     "build_segmentor_from_spec",
     "save_segmentor",
     "load_segmentor",
@@ -326,6 +327,24 @@ def build_segmentor(
         encoder, dec, decoder_name=decoder, num_classes=num_classes, mean=mean, std=std,
         layers=layers, feature_norm=feature_norm, class_names=class_names, train_encoder=train_encoder,
     )
+
+
+class _NoDecoder(nn.Module):
+    """Stands in for a decoder when a ``Segmentor`` only extracts features (never called)."""
+
+    num_classes = 1
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:  # pragma: no cover - a misuse guard
+        raise RuntimeError("this segmentor shell has no decoder: it only extracts features")
+
+
+def feature_segmentor(encoder: Student, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                      layers: Sequence[int] | None = None, train_encoder: bool = False) -> Segmentor:
+    """A decoder-less ``Segmentor`` on ``encoder`` (no parameters besides the encoder's): its
+    ``extract_features`` / ``distill_outputs(..., logits=False).features`` are the maps a stage-3
+    decoder on this encoder would read (layers: as ``build_segmentor``; no feature norm)."""
+    return Segmentor(encoder, _NoDecoder(), decoder_name="none", num_classes=1, mean=mean, std=std,
+                     layers=_resolve_layers(encoder, layers), train_encoder=train_encoder)
 
 
 def build_segmentor_from_spec(spec: Mapping[str, Any]) -> Segmentor:

@@ -33,13 +33,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gkd.atomic import check_writable
-from gkd.eval.inference import config_data, trained_crop_size
+from gkd.eval.inference import DEFAULT_CROP, config_data, trained_crop_size
 
 _log = logging.getLogger(__name__)
 
 __all__ = ["PredictSummary", "predict_paths", "collect_images", "resolve_palette", "load_stage3", "trained_crop_size"]
-
-DEFAULT_CROP = 512
 
 
 # ------------------------------------------------------------------------------------------------
