@@ -80,7 +80,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     out_dir = Path(cfg.out_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     accum = cfg.optim.grad_accum
-    micro_batch = micro_batch_size(cfg.data.batch_size, accelerator, accum)
+    micro_batch = micro_batch_size(cfg, accelerator)
 
     # ---- build ---------------------------------------------------------------------------------
     if cfg.heads.init not in HEAD_INITS:

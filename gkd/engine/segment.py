@@ -163,7 +163,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     accelerator = make_accelerator(cfg, find_unused_parameters=train_encoder)
     out_dir = Path(cfg.out_dir)
     accum = cfg.optim.grad_accum
-    micro_batch = micro_batch_size(cfg.data.batch_size, accelerator, accum)
+    micro_batch = micro_batch_size(cfg, accelerator)
 
     # ---- build ---------------------------------------------------------------------------------
     d = cfg.data

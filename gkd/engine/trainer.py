@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gkd.atomic import write_text_atomic
-from gkd.config import RunConfig
+from gkd.config import RunConfig, check_world
 from gkd.engine.checkpoint import (Checkpoint, CheckpointManager, ResumeError, check_resume_config, describe_changes,
                                    flatten)
 from gkd.engine.compute import Budget, count_flops
@@ -268,13 +268,12 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
-def micro_batch_size(global_batch: int, accelerator: Accelerator, accum: int) -> int:
-    """Per-process micro-batch of a global batch split over processes and accumulation steps."""
-    world = accelerator.num_processes
-    if global_batch % (world * accum):
-        raise ValueError(f"data.batch_size={global_batch} is not divisible by processes ({world}) × "
-                         f"optim.grad_accum ({accum})")
-    return global_batch // (world * accum)
+def micro_batch_size(cfg: RunConfig, accelerator: Accelerator) -> int:
+    """Per-process micro-batch of the global `data.batch_size` split over processes and
+    `optim.grad_accum` steps (``gkd.config.check_world`` refuses a batch that does not split)."""
+    world, accum = accelerator.num_processes, cfg.optim.grad_accum
+    check_world(cfg, world)
+    return cfg.data.batch_size // (world * accum)
 
 
 class Trainer:
