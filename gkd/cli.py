@@ -271,10 +271,15 @@ def _yaml_value(text: str) -> object:
     return yaml.safe_load(text)
 
 
+def _model_kwargs(items: list[str]) -> dict[str, object]:
+    """--model-kwarg KEY=VALUE items → timm model kwargs, values as YAML reads them."""
+    return {k: _yaml_value(v) for k, v in _pairs(items, "--model-kwarg", "a timm model kwarg").items()}
+
+
 def _cmd_student_encoder(args: argparse.Namespace) -> int:
     from gkd.tools.encoders import write_student_encoder
 
-    kwargs = {k: _yaml_value(v) for k, v in _pairs(args.model_kwarg, "--model-kwarg", "a timm model kwarg").items()}
+    kwargs = _model_kwargs(args.model_kwarg)
     path = write_student_encoder(args.out, args.name, img_size=args.img_size, patch_size=args.patch_size,
                                  checkpoint=args.checkpoint, mean=args.mean, std=args.std, seed=args.seed,
                                  from_teacher=args.from_teacher, teacher_checkpoint=args.teacher_checkpoint,
@@ -286,7 +291,7 @@ def _cmd_student_encoder(args: argparse.Namespace) -> int:
 def _cmd_import_official(args: argparse.Namespace) -> int:
     from gkd.tools.official import import_official
 
-    kwargs = {k: _yaml_value(v) for k, v in _pairs(args.model_kwarg, "--model-kwarg", "a timm model kwarg").items()}
+    kwargs = _model_kwargs(args.model_kwarg)
     path = import_official(args.file, args.student, args.out, img_size=args.img_size, patch_size=args.patch_size,
                            mean=args.mean, std=args.std, patch_resample=args.patch_resample, **kwargs)
     print(f"wrote {path}")
@@ -448,23 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recursive", action="store_true", help="also images in sub-folders (kept in the output)")
     pr.set_defaults(func=_cmd_predict)
 
-    ex = sub.add_parser("export", help="export a stage-3 segmentor to ONNX (dynamic batch, fixed H×W), or a stage-1/2 "
-                                       "encoder as a timm (--format timm) or transformers (--format hf) folder",
-                        description="ONNX of the segmentor's forward: input 'images' float32 [B,3,H,W] RGB in "
-                                    "[0,1] (normalisation is inside the graph), output 'scores' [B,K,H,W]. The "
-                                    "batch size is dynamic; H and W are FIXED at export time (the models do not "
-                                    "trace with dynamic sizes): resize images or slide H×W windows to score other "
-                                    "sizes. Verified against PyTorch with onnxruntime when it is installed.")
-    ex.add_argument("checkpoint", help="segmentor.safetensors from stage 3 (onnx), encoder.safetensors (timm, hf)")
+    ex = sub.add_parser("export", help="export a segmentor or an encoder to ONNX, or a stage-1/2 encoder as a timm "
+                                       "(--format timm) or transformers (--format hf) folder",
+                        description="ONNX: input 'images' float32 [B,3,H,W] RGB in [0,1] (normalisation is inside "
+                                    "the graph). A stage-3 segmentor gives 'scores' [B,K,H,W]; its batch is dynamic "
+                                    "and H×W FIXED at export time (resize images or slide H×W windows to score "
+                                    "other sizes). A stage-1/2 encoder gives its multi-level maps 'feat4'..'feat32', "
+                                    "with dynamic H×W for ViT students with absolute position embeddings and for "
+                                    "CNN students (RoPE students: their training size only). Verified against "
+                                    "PyTorch with onnxruntime when it is installed.")
+    ex.add_argument("checkpoint", help="segmentor.safetensors (onnx) or encoder.safetensors (onnx, timm, hf)")
     ex.add_argument("--format", choices=["onnx", "timm", "hf"], default="onnx",
-                    help="onnx: the segmentor; timm: the encoder as a timm hub folder (config.json + "
+                    help="onnx: the segmentor's scores or the encoder's maps; timm: the encoder as a timm hub folder (config.json + "
                          "model.safetensors, timm.create_model('local-dir:DIR', pretrained=True)); hf: a "
                          "DINOv2-style ViT encoder as a transformers Dinov2Model folder (AutoModel.from_pretrained)")
     ex.add_argument("--out", help="output file (onnx; default: the checkpoint's path with .onnx) or empty folder "
                                   "(timm/hf; default: <checkpoint stem>_timm / _hf next to it)")
-    ex.add_argument("--height", type=int, help="fixed input height (default: the training crop, else the encoder size)")
+    ex.add_argument("--height", type=int, help="input height (default: the training crop, else the encoder size)")
     ex.add_argument("--width", type=int, help="fixed input width (default: = height)")
-    ex.add_argument("--opset", type=int, help="ONNX opset (default 17 for torchscript, 18 for dynamo)")
+    ex.add_argument("--opset", type=int, help="ONNX opset (segmentors: 17 for torchscript, 18 for dynamo; encoders: 18)")
     ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                     help="torch.onnx exporter: legacy tracer (default) or torch.export-based (needs onnxscript)")
     ex.add_argument("--no-verify", action="store_true", help="skip the check of the reloaded export against PyTorch")
