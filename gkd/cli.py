@@ -159,7 +159,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = run_eval(files, args.suite, args.out, roots=roots, save_predictions=args.save_predictions,
                        batch_size=args.batch_size, num_workers=args.workers, limit=args.limit,
                        model_name=rows, groups=groups,
-                       export_split=args.submission_split if args.export_submission else None)
+                       export_split=args.submission_split if args.export_submission else None,
+                       trackers=args.tracker)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also predict the --submission-split of every target dataset with a benchmark server "
                          "(Cityscapes, ACDC) and write it in the server's format under OUT/submission/")
     ev.add_argument("--submission-split", default="test", help="split exported by --export-submission (default test)")
+    ev.add_argument("--tracker", action="append", default=[], choices=["tensorboard", "wandb", "mlflow"],
+                    help="also log the per-target scores and a prediction panel per target to this tracker, "
+                         "writing under --out (repeatable; pip install -e .[trackers])")
     ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser(

@@ -11,6 +11,7 @@ from PIL import Image
 
 from gkd.demo import DemoError, run_demo, synth
 from gkd.demo import run as demo_run
+from gkd.eval.visualize import PANEL_GAP, PANEL_HEADER
 
 K = len(synth.CLASSES)
 PALETTE = np.asarray(synth.PALETTE, dtype=np.uint8)
@@ -176,8 +177,8 @@ def test_panel_tiles_are_image_ground_truth_and_predictions(quick_run):
                     pred = model(x).argmax(dim=1)[0].numpy()
                 expected.append(PALETTE[pred])
             for c, tile in enumerate(expected):
-                y0 = demo_run.PANEL_HEADER + r * (size + demo_run.PANEL_GAP)
-                x0 = c * (size + demo_run.PANEL_GAP)
+                y0 = PANEL_HEADER + r * (size + PANEL_GAP)
+                x0 = c * (size + PANEL_GAP)
                 np.testing.assert_array_equal(panel[y0:y0 + size, x0:x0 + size], tile,
                                               err_msg=f"{split} row {r} col {c}")
 

@@ -9,6 +9,7 @@ an independent NumPy argmax gives the very same predictions (sliding-window aver
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -391,3 +392,40 @@ def test_two_processes_reduce_to_the_single_process_numbers(env, tmp_path):
     # both ranks wrote their own share of the predictions: together, every image once
     assert len(list((tmp_path / "ddp" / "predictions" / "Small").glob("*_mask.png"))) == 5
     assert len(list((tmp_path / "ddp" / "predictions" / "Big_one").glob("*_mask.png"))) == 3
+
+
+def test_trackers_get_the_report_scores_and_a_panel_per_target(env, monkeypatch):
+    """`run_eval(trackers=...)` (`gkd eval --tracker`): TensorBoard and MLflow hold the report's
+    numbers per target and on average, and TensorBoard a panel drawn from the independent argmax."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gkd.eval.visualize import prediction_panel, to_uint8_image
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = env["tmp"] / "eval"
+    run_eval(env["ckpt"], env["suite"], out, num_workers=0, trackers=["tensorboard", "mlflow"])
+    model = json.loads((out / "metrics.json").read_text())["models"][0]
+    expected = {f"eval/s3/{slug}/{k}": numbers[k] for slug, numbers in
+                (("Small", model["datasets"]["Small"]), ("Big_one", model["datasets"]["Big one"]),
+                 ("average", model["average"])) for k in ("mIoU", "mAcc", "aAcc")}
+
+    tb = EventAccumulator(str(out / "gkd-eval"), size_guidance={"images": 0})
+    tb.Reload()
+    assert {t for t in tb.Tags()["scalars"] if t.startswith("eval/")} == set(expected)
+    for tag, value in expected.items():
+        assert tb.Scalars(tag)[0].value == pytest.approx(value, rel=1e-6), tag
+    run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_run(run_id).data.metrics == pytest.approx(expected)
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"metrics.json", "results.md", "results.csv"}
+
+    ds = DATASETS[("fake_b", "test")]()
+    samples = [(to_uint8_image(torch.from_numpy(img)), lab, pred) for (img, lab, _), pred in
+               zip(ds.items, reference_predictions(FakeSegmentor(0), ds))]
+    want = prediction_panel(samples, PALETTE, K, "Big one")
+    (image,) = tb.Images("eval/s3/Big_one/panel")
+    got = np.array(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(got, want)

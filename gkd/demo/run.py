@@ -212,40 +212,6 @@ def _shard_pattern(out_dir: Path, prefix: str, num_shards: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # panels
 
-PANEL_GAP = 4  # pixels between tiles
-PANEL_HEADER = 16  # pixels above the first row, for the column titles
-PANEL_BACKGROUND = (255, 255, 255)
-
-
-def panel_origin(row: int, col: int, tile: int) -> tuple[int, int]:
-    """Top-left (y, x) of a tile in a panel."""
-    return PANEL_HEADER + row * (tile + PANEL_GAP), col * (tile + PANEL_GAP)
-
-
-def compose_panel(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str]) -> np.ndarray:
-    """Tiles (uint8 [S,S,3], all the same size) in a grid under a title strip → RGB uint8 image."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    try:
-        font = ImageFont.load_default(size=11)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        font = ImageFont.load_default()
-    tile = rows[0][0].shape[0]
-    cols = len(rows[0])
-    height = PANEL_HEADER + len(rows) * (tile + PANEL_GAP) - PANEL_GAP
-    width = cols * (tile + PANEL_GAP) - PANEL_GAP
-    canvas = Image.new("RGB", (width, height), PANEL_BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(titles):
-        draw.text((c * (tile + PANEL_GAP) + 2, 1), title, fill=(0, 0, 0), font=font)
-    out = np.array(canvas)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            y, x = panel_origin(r, c, tile)
-            out[y:y + tile, x:x + tile] = image
-    return out
-
-
 def predict_mask(model: Any, image: np.ndarray) -> np.ndarray:
     """One RGB uint8 image [H,W,3] → class ids [H,W] (whole-image inference, as the report's)."""
     import torch
@@ -263,7 +229,7 @@ def write_panels(models: Mapping[str, str | Path], bench: synth.Benchmark, out_d
     """One PNG per domain: image | ground truth | one prediction per model, `rows` images each."""
     from PIL import Image
 
-    from gkd.eval.visualize import colorize
+    from gkd.eval.visualize import colorize, compose_panel
     from gkd.models.segmentor import load_segmentor
 
     out = Path(out_dir)

@@ -198,6 +198,8 @@ class StageProbe:
         tokens = result.pop("_tokens")
         record = {"event": "probe", "model": model, "step": self.trainer.step_index, **result}
         self.trainer.metrics.write(record)
+        self.accelerator.log({f"probe/{model}/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
+                             step=record["step"])
         log.info("probe (%s, step %d): held-out source mIoU %.1f%s", model, record["step"], result["probe_miou"],
                  f", fidelity R² {result['fidelity_r2']:.3f}" if "fidelity_r2" in result else "")
         return {**record, "_tokens": tokens}

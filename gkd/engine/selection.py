@@ -22,6 +22,8 @@ from typing import Any
 from torch import nn
 
 from gkd.eval.protocol import overlap_message, shared, split_record
+from gkd.eval.visualize import prediction_panel
+from gkd.tracking import log_images
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,9 @@ class Selector:
         started = time.perf_counter()
         was_training = segmentor.training
         segmentor.eval()
+        panel = [] if accelerator.trackers else None  # a tracker run also gets a panel of the first images
         metric, _ = evaluate_target(segmentor, self.target, self.suite, accelerator, num_workers=0,
-                                    limit=self.limit)
+                                    limit=self.limit, panel=panel)
         segmentor.train(was_training)
         score = float(metric.compute()[METRIC])
         self.history.append([step, score])
@@ -85,6 +88,11 @@ class Selector:
             self.best = {"step": step, "score": score,
                          "weights": {k: v.detach().to("cpu", copy=True) for k, v in snapshot.state_dict().items()}}
         self.seconds += time.perf_counter() - started
+        accelerator.log({f"selection/{METRIC}": score}, step=step)
+        if panel:
+            pt = self.target
+            log_images(accelerator, {"selection/panel": prediction_panel(
+                panel, getattr(pt.manifest, "palette", None), len(pt.classes), pt.target.name)}, step=step)
         if accelerator.is_main_process:
             log.info("selection: step %d, %s %s %.2f (best %.2f at step %d)", step, self.target.target.name,
                      METRIC, score, self.best["score"], self.best["step"])

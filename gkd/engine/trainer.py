@@ -29,6 +29,7 @@ from gkd.engine.checkpoint import (Checkpoint, CheckpointManager, ResumeError, c
                                    flatten)
 from gkd.engine.compute import Budget, count_flops
 from gkd.errors import GKDError
+from gkd.tracking import check_trackers, start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False) -> Ac
     return Accelerator(
         cpu=cfg.engine.cpu or not torch.cuda.is_available(),
         mixed_precision=cfg.engine.mixed_precision,
-        log_with=list(cfg.engine.trackers) or None,
+        log_with=check_trackers(cfg.engine.trackers) or None,
         project_dir=str(Path(cfg.out_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None,
     )
@@ -364,7 +365,8 @@ class Trainer:
                 self.metrics.write({"event": "resume", "step": step, "checkpoint": str(ckpt.path),
                                     "config_changes": changes, "metrics_rows_removed": removed})
         acc.wait_for_everyone()  # the checkpoint folder is settled before any rank goes on
-        acc.init_trackers("gkd", config=flat_config(to_container(cfg)))
+        start_trackers(acc, "gkd", flat_config(to_container(cfg)), self.out_dir,
+                       resumed_at=None if ckpt is None else self.state["step"])
         # The bar counts whole budget units (steps, seconds, GFLOPs); tqdm drops its total when n
         # passes it, so no format may rely on the total.
         b = self.budget

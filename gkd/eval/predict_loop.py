@@ -16,17 +16,21 @@ import torch
 from .inference import predict
 
 
-def process_state() -> Any:
-    """accelerate's PartialState: rank, world size, device; `wait_for_everyone`.
+def process_state(log_with: Sequence[str] = (), project_dir: str | None = None) -> Any:
+    """accelerate's PartialState: rank, world size, device; `wait_for_everyone`. With trackers
+    (`log_with`), an Accelerator on the same processes that logs to them from `project_dir`.
 
     A multi-process launch on a machine without CUDA must ask for CPU explicitly, or accelerate
     falls back to independent single processes that would each score everything.
     """
-    from accelerate import PartialState
+    from accelerate import Accelerator, PartialState
 
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return PartialState(cpu=use_cpu or (multi and not torch.cuda.is_available()))
+    cpu = use_cpu or (multi and not torch.cuda.is_available())
+    if log_with:
+        return Accelerator(cpu=cpu, log_with=list(log_with), project_dir=project_dir)
+    return PartialState(cpu=cpu)
 
 
 def collate_list(batch: list[dict]) -> list[dict]:

@@ -19,9 +19,11 @@ from gkd.atomic import check_writable
 from gkd.data import build_dataset, load_manifest, resolve_root
 from gkd.handoff import read_metadata
 from gkd.models.segmentor import load_segmentor
+from gkd.tracking import check_trackers, log_files, log_images, start_trackers
 
 from .metrics import SegMetric
 from .predict_loop import predict_dataset, process_state
+from .visualize import prediction_panel, to_uint8_image
 from .targets import PreparedTarget, Suite, load_suite, resolve_resize, slugify
 
 __all__ = ["RESULTS_FORMAT", "dataset_entry", "default_model_name", "evaluate_target", "model_entry",
@@ -79,7 +81,7 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
              roots: Mapping[str, str] | None = None, save_predictions: bool = False, batch_size: int = 1,
              num_workers: int = 2, limit: int | None = None, accelerator: Any = None,
              model_name: str | Sequence[str] | None = None, groups: Mapping[str, Sequence[str]] | None = None,
-             export_split: str | None = None) -> dict[str, Any]:
+             export_split: str | None = None, trackers: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate one checkpoint (or several: one report row each) on every target of `suite`.
 
     Before any model is loaded, every checkpoint's protocol record is checked against the targets
@@ -90,6 +92,9 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     runs (seeds): the report adds mean ± std per target and for the average. `export_split`
     (e.g. "test"): also write that split of every target dataset with a benchmark server
     (Cityscapes, ACDC) in the server's format under `out_dir/submission/`.
+    `trackers` (tensorboard, wandb, mlflow; `gkd.tracking`): log each model's per-target scores
+    (`eval/<model>/<target>/mIoU`, …), an image | ground truth | prediction panel per target, and
+    (MLflow) the report files, to one tracker run writing under `out_dir`.
     Under `accelerate launch`, process r scores images r, r+W, r+2W, … of each dataset and the
     confusion matrices are summed across processes.
     Returns the results dict written to metrics.json (NaN where a metric is undefined).
@@ -99,8 +104,11 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     from .submission import export_submission
 
     check_writable(out_dir, "the report folder")  # before the evaluation, not after it
+    trackers = check_trackers(trackers, "trackers")
     suite = load_suite(suite)
-    state = accelerator if accelerator is not None else process_state()
+    if trackers and accelerator is not None:
+        raise ValueError("run_eval: pass trackers or an accelerator, not both (give the accelerator log_with)")
+    state = accelerator if accelerator is not None else process_state(trackers, str(out_dir))
     prepared = prepare_targets(suite, roots)  # fails here, before any model is loaded
 
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
@@ -124,6 +132,10 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     submissions = _submission_targets(prepared, export_split) if export_split else []
 
     out_dir = Path(out_dir)
+    if trackers:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start_trackers(state, "gkd-eval", {"suite": suite.name, "checkpoints": json.dumps([str(c) for c in checkpoints])},
+                       out_dir)
     models = []
     for ckpt, name, protocol in zip(checkpoints, names, protocols):
         model, metadata = load_segmentor(ckpt)
@@ -134,11 +146,15 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
             pred_dir = out_dir / "predictions" / pt.target.slug if save_predictions else None
             if save_predictions and len(checkpoints) > 1:
                 pred_dir = out_dir / "predictions" / _slug(name) / pt.target.slug
+            panel = [] if trackers else None
             metric, count = evaluate_target(model, pt, suite, state, batch_size=batch_size,
-                                            num_workers=num_workers, limit=limit, pred_dir=pred_dir)
+                                            num_workers=num_workers, limit=limit, pred_dir=pred_dir, panel=panel)
             datasets[pt.target.name] = dataset_entry(metric.compute(), pt, count)
             if state.is_main_process:
                 log.info("%s on %s: mIoU %.2f", name, pt.target.name, datasets[pt.target.name]["mIoU"])
+            if panel:
+                log_images(state, {f"eval/{_slug(name)}/{pt.target.slug}/panel": prediction_panel(
+                    panel, getattr(pt.manifest, "palette", None), len(pt.classes), pt.target.name)}, step=0)
         exports = []
         for pt in submissions:
             sub_dir = out_dir / "submission" / (_slug(name) if len(checkpoints) > 1 else "")
@@ -146,6 +162,8 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
                 model, pt.manifest, export_split, pt.root, sub_dir, mode=suite.mode, resize=pt.resize, crop=suite.crop,
                 stride=suite.stride, state=state, batch_size=batch_size, num_workers=num_workers, limit=limit).to_dict())
         models.append(model_entry(name, ckpt, metadata, datasets, protocol))
+        if trackers:
+            state.log(tracker_scalars(name, models[-1]), step=0)
         if exports:
             models[-1]["submissions"] = exports
         del model
@@ -154,9 +172,22 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     if groups:
         results["groups"] = seed_groups(models, groups)
     if state.is_main_process:
-        write_report(results, out_dir)
+        written = write_report(results, out_dir)
+    if trackers:
+        if state.is_main_process:
+            log_files(state, list(written.values()))
+        state.end_training()
     state.wait_for_everyone()
     return results
+
+
+def tracker_scalars(name: str, entry: Mapping[str, Any]) -> dict[str, float]:
+    """One report row → tracker scalars `eval/<name>/<target slug>/<metric>` and
+    `eval/<name>/average/<metric>` (mIoU, mAcc, aAcc); undefined (NaN) values are left out."""
+    parts = [(slugify(target, "target"), numbers) for target, numbers in entry["datasets"].items()]
+    parts.append(("average", entry["average"]))
+    return {f"eval/{_slug(name)}/{part}/{key}": float(numbers[key]) for part, numbers in parts
+            for key in ("mIoU", "mAcc", "aAcc") if math.isfinite(numbers[key])}
 
 
 def _submission_targets(prepared: list[PreparedTarget], split: str) -> list[PreparedTarget]:
@@ -196,8 +227,12 @@ def _check_classes(model: Any, prepared: list[PreparedTarget], checkpoint: Any) 
 
 def evaluate_target(model: Any, pt: PreparedTarget, suite: Suite, state: Any, *, batch_size: int = 1,
                     num_workers: int = 2, limit: int | None = None,
-                    pred_dir: Path | None = None) -> tuple[SegMetric, int]:
-    """Score this process's share of one dataset; returns (metric reduced over processes, #images)."""
+                    pred_dir: Path | None = None, panel: list | None = None,
+                    panel_rows: int = 4) -> tuple[SegMetric, int]:
+    """Score this process's share of one dataset; returns (metric reduced over processes, #images).
+
+    panel: a list that receives (image [H,W,3] uint8, label [H,W], prediction [H,W]) for the first
+    `panel_rows` images this process scores (`gkd.eval.visualize.prediction_panel` draws them)."""
     total = len(pt.dataset) if limit is None else min(limit, len(pt.dataset))
     indices = list(range(state.process_index, total, state.num_processes))
     metric = SegMetric(len(pt.classes), ignore_index=int(getattr(pt.manifest, "ignore_index", 255)))
@@ -209,6 +244,9 @@ def evaluate_target(model: Any, pt: PreparedTarget, suite: Suite, state: Any, *,
         labels = torch.stack([torch.as_tensor(s["label"]) for s in run])
         pred = scores.argmax(dim=1)
         metric.update(pred.cpu(), labels)
+        if panel is not None:
+            for s, p, y in list(zip(run, pred.cpu(), labels))[:max(0, panel_rows - len(panel))]:
+                panel.append((to_uint8_image(s["image"]), y.numpy(), p.numpy()))
         if pred_dir is not None:
             from .visualize import save_prediction
 

@@ -79,3 +79,47 @@ def save_prediction(out_dir: str | Path, stem: str, image: torch.Tensor | np.nda
     mask_image(pred, palette).save(mask_path)
     Image.fromarray(overlay(image, colorize(pred, palette))).save(overlay_path)
     return mask_path, overlay_path
+
+
+PANEL_GAP = 4  # pixels between tiles
+PANEL_HEADER = 16  # pixels above the first row, for the column titles
+PANEL_BACKGROUND = (255, 255, 255)
+
+
+def compose_panel(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str]) -> np.ndarray:
+    """Tiles (uint8 [h,w,3], all the same size) in a grid under a title strip → RGB uint8 image."""
+    from PIL import ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    h, w = rows[0][0].shape[:2]
+    height = PANEL_HEADER + len(rows) * (h + PANEL_GAP) - PANEL_GAP
+    width = len(rows[0]) * (w + PANEL_GAP) - PANEL_GAP
+    canvas = Image.new("RGB", (width, height), PANEL_BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(titles):
+        draw.text((c * (w + PANEL_GAP) + 2, 1), title, fill=(0, 0, 0), font=font)
+    out = np.array(canvas)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            y, x = PANEL_HEADER + r * (h + PANEL_GAP), c * (w + PANEL_GAP)
+            out[y:y + h, x:x + w] = tile
+    return out
+
+
+def prediction_panel(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: Sequence[Sequence[int]] | None,
+                     num_classes: int, title: str, height: int = 192) -> np.ndarray:
+    """Rows of image | ground truth | prediction, each scaled to `height` pixels (the first image's
+    aspect ratio; masks by nearest neighbour) → RGB uint8 panel.
+
+    samples: (image [H,W,3] uint8, label [H,W], prediction [H,W]) per row."""
+    h0, w0 = samples[0][0].shape[:2]
+    size = (max(1, round(w0 * height / h0)), height)  # PIL's (width, height)
+    rows = []
+    for image, label, pred in samples:
+        rows.append([np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)),
+                     *(np.asarray(Image.fromarray(colorize(m, palette, num_classes)).resize(size, Image.NEAREST))
+                       for m in (label, pred))])
+    return compose_panel(rows, [title, "ground truth", "prediction"])
