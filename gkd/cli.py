@@ -21,6 +21,8 @@
     gkd import-official FILE.pth --student NAME OUT   the authors' released stage-1/2 checkpoint as an encoder file
     gkd compare --plan PLAN.yaml [key=value]    methods at one matched compute budget → table + plot
     gkd compare --runs NAME=SEG ... --suite S   the same table from finished runs
+    gkd pipeline PLAN.yaml [key=value] [--dry-run]   a chain of stages (shard, 1, 2, 3, encoder, eval), each under
+                                                accelerate launch, handoffs wired, resumable; --dry-run: the cost
 """
 from __future__ import annotations
 
@@ -571,7 +573,34 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--limit", type=int, help="--runs: first N images per target")
     cmp_.add_argument("--workers", type=int, default=2)
     cmp_.set_defaults(func=_cmd_compare)
+
+    pl = sub.add_parser("pipeline", help="run a plan: its stages in order under accelerate launch, handoffs wired; "
+                                         "finished stages are skipped, an interrupted one resumes")
+    pl.add_argument("plan", help="plan YAML (see gkd.tools.pipeline.Plan; shipped ones in plans/)")
+    pl.add_argument("overrides", nargs="*", help="key=value of the plan (out_dir=, seeds=[0,1,2], launch.num_processes=8) "
+                                                 "or <stage name>.key=value added to that stage's overrides")
+    pl.add_argument("--dry-run", action="store_true",
+                    help="print each stage's data, steps, images and training FLOPs and the totals; run nothing")
+    pl.add_argument("--calibrate", action="store_true",
+                    help="with --dry-run: time a few steps of each training stage here (random weights, synthetic "
+                         "batches) and estimate the wall-clock")
+    pl.set_defaults(func=_cmd_pipeline)
     return parser
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from gkd.tools.pipeline import load_plan, run_pipeline
+
+    from gkd.config import ConfigError
+
+    if args.calibrate and not args.dry_run:
+        raise ConfigError("--calibrate goes with --dry-run (it estimates; it does not run the plan)")
+    record = run_pipeline(load_plan(args.plan, args.overrides), dry_run=args.dry_run, calibrate=args.calibrate)
+    if not args.dry_run:
+        for entry in record["stages"]:
+            took = "" if entry["seconds"] is None else f" ({entry['seconds']:.0f} s)"
+            print(f"{entry['name']}: {entry['state']}{took} → {entry['output']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
-"""Print the CamVid mini-benchmark table from runs/bench-camvid/{timings.tsv,eval/metrics.json}."""
+"""Print the CamVid mini-benchmark table from runs/bench-camvid/{camvid.pipeline.json,eval/metrics.json}
+(`gkd pipeline plans/camvid.yaml`: the stage times and the report)."""
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from collections import defaultdict
@@ -10,8 +10,14 @@ from pathlib import Path
 
 def main(out: Path) -> None:
     seconds: dict[str, dict[str, float]] = defaultdict(dict)
-    for method, stage, secs in csv.reader((out / "timings.tsv").open(), delimiter="\t"):
-        seconds[method][stage] = float(secs)
+    for entry in json.loads((out / "camvid.pipeline.json").read_text())["stages"]:
+        method, _, stage = entry["name"].rpartition("-")  # gkd-s1 → (gkd, s1); none-s3; eval
+        if entry.get("seconds") is None:
+            continue
+        if entry["stage"] in ("1", "2", "3"):
+            seconds[method][f"stage{stage[1:]}"] = float(entry["seconds"])
+        elif entry["stage"] == "eval":
+            seconds["all"]["eval"] = float(entry["seconds"])
     models = json.loads((out / "eval" / "metrics.json").read_text())["models"]
     targets = list(models[0]["datasets"])
     keys = {"no distillation": "none", "GKD": "gkd", "Proteus": "proteus"}

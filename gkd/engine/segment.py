@@ -153,12 +153,31 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def trains_encoder(cfg: SegmentConfig) -> bool:
+    """Whether stage 3 trains the encoder: `train_encoder`, by default only for task-level distillation."""
+    return cfg.method.name != "none" if cfg.train_encoder is None else bool(cfg.train_encoder)
+
+
+def seg_budget(cfg: SegmentConfig) -> Budget:
+    """Stage 3's budget: `budget.kind` with `budget.amount`, by default `optim.iters` (steps)."""
+    return Budget(cfg.budget.kind, cfg.budget.amount if cfg.budget.amount is not None else cfg.optim.iters)
+
+
+def build_stage_segmentor(cfg: SegmentConfig, encoder: nn.Module, input_norm: dict[str, list[float]],
+                          class_names: list[str], train_encoder: bool) -> Segmentor:
+    """The segmentor a stage-3 config trains: `encoder` (a Student) with the config's decoder for
+    `class_names`, normalising [0,1] images with the encoder's `input_norm` ({"mean", "std"})."""
+    return build_segmentor(encoder, decoder=cfg.decoder.name, num_classes=len(class_names), mean=input_norm["mean"],
+                           std=input_norm["std"], layers=cfg.decoder.layers, class_names=list(class_names),
+                           train_encoder=train_encoder, **cfg.decoder.kwargs)
+
+
 def train_segmentor(cfg: SegmentConfig) -> Path:
     """Run stage 3; return the path of the written `segmentor.safetensors`."""
     check_method(cfg)
     method = cfg.method.name
     kd_method = method != "none"
-    train_encoder = kd_method if cfg.train_encoder is None else cfg.train_encoder
+    train_encoder = trains_encoder(cfg)
     check_recipe(cfg, train_encoder)
     accelerator = make_accelerator(cfg, find_unused_parameters=train_encoder)
     out_dir = Path(cfg.out_dir)
@@ -192,9 +211,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     encoder, input_norm = load_encoder_for_segmentor(cfg.encoder, drop_path_rate=cfg.encoder_drop_path)
     if input_norm is None:
         raise ValueError(f"{cfg.encoder} records no input normalisation (gkd_input_norm): re-export it with this version")
-    segmentor = build_segmentor(encoder, decoder=cfg.decoder.name, num_classes=dataset.num_classes,
-                                mean=input_norm["mean"], std=input_norm["std"], layers=cfg.decoder.layers,
-                                class_names=list(dataset.classes), train_encoder=train_encoder, **cfg.decoder.kwargs)
+    segmentor = build_stage_segmentor(cfg, encoder, input_norm, list(dataset.classes), train_encoder)
     encoder_hash = weights_hash(segmentor.encoder)
     snapshot = segmentor if train_encoder else segmentor.decoder  # what selection keeps: the trained part
     kd = None
@@ -217,7 +234,7 @@ def train_segmentor(cfg: SegmentConfig) -> Path:
     if teacher is not None:
         teacher.to(accelerator.device)  # frozen, never wrapped by DDP
     o = cfg.optim
-    budget = Budget(cfg.budget.kind, cfg.budget.amount if cfg.budget.amount is not None else o.iters)
+    budget = seg_budget(cfg)
     trainer = Trainer(cfg, accelerator, model, optimizer, budget, desc="stage 3")
     if selector.rule == "best":
         accelerator.register_for_checkpointing(selector)  # history + best weights resume with the run
