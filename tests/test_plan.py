@@ -27,7 +27,7 @@ def write_plan(path: Path, shards: str, data: tuple[Path, Path, Path], processes
         "launch": {"num_processes": processes, "cpu": True},
         "stages": [
             {"name": "src", "stage": "shard", "src": str(root), "manifest": str(manifest), "split": "train",
-             "shard_size": 12},
+             "shard_size": 12, "expect_samples": 24},
             {"name": "s1", "stage": 1, "overrides": [*TINY, f"data.train_shards={shards}", "optim.epochs=1"]},
             {"name": "s2", "stage": 2, "shards": "src",
              "overrides": [*STUDENTLESS, "data.img_size=64", "teacher.patch_size=16", "optim.epochs=2"]},
@@ -122,13 +122,14 @@ def test_a_chain_killed_between_and_inside_stages_resumes_to_the_same_files(whol
     def killed_before_s2(step, plan):
         if step.plan.name == "s2":
             raise KeyboardInterrupt("killed between stages")
-        real_run_step(step, plan)
+        return real_run_step(step, plan)
 
     monkeypatch.setattr(pl, "_run_step", killed_before_s2)
     with pytest.raises(KeyboardInterrupt):
-        pl.run_pipeline(pl.load_plan(plan_file))
-    states = [e["state"] for e in json.loads((run / "tiny.pipeline.json").read_text())["stages"]]
-    assert states == ["done", "done", "failed"]
+        pl.run_pipeline(pl.load_plan(plan_file, ["src.expect_samples=20"]))  # a wrong expectation: said, not used
+    entries = json.loads((run / "tiny.pipeline.json").read_text())["stages"]
+    assert [e["state"] for e in entries] == ["done", "done", "failed"]
+    assert (entries[0]["samples"], entries[0]["expected_samples"]) == (24, 20)
 
     # stage 2 (6 steps) then killed inside, after its step-4 checkpoint: what `kill -9` leaves
     steps = pl.resolve(pl.load_plan(plan_file))
@@ -280,8 +281,8 @@ def test_dry_run_of_the_gta5_plan_needs_no_data(monkeypatch, capsys):
 
 
 def test_calibrated_dry_run_times_each_training_stage(tmp_path, shards, folder_dataset, capsys):
-    plan = pl.load_plan(write_plan(tmp_path / "plan.yaml", shards, folder_dataset))
-    result = pl.run_pipeline(plan, dry_run=True, calibrate=True)
+    plan_file = write_plan(tmp_path / "plan.yaml", shards, folder_dataset)
+    result = pl.run_pipeline(pl.load_plan(plan_file), dry_run=True, calibrate=True)
     trained = [r for r in result["stages"] if r["stage"] in ("1", "2", "3")]
     assert [r["name"] for r in trained] == ["s1", "s2", "s3"]
     for r in trained:
@@ -289,10 +290,14 @@ def test_calibrated_dry_run_times_each_training_stage(tmp_path, shards, folder_d
     s1, s2, s3 = trained
     for r in (s1, s3):
         assert r["seconds"] == pytest.approx(r["seconds_per_step"] * r["steps"])
-    # stage 2 reads the shards its shard stage has not written yet, and no data.num_samples: steps unknown
-    assert s2["steps"] is None and s2["seconds"] is None and "steps unknown" in s2["notes"][0]
-    assert result["total"]["seconds"] == pytest.approx(s1["seconds"] + s3["seconds"])
-    assert result["total"]["stages_of_unknown_length"] == ["s2"]
+    # stage 2 reads shards not written yet: its steps come from the shard stage's expect_samples (24 → 3 steps of
+    # 8 an epoch, 2 epochs); without it they are unknown
+    assert s2["steps"] == 6 and s2["seconds"] == pytest.approx(s2["seconds_per_step"] * 6)
+    assert result["total"]["seconds"] == pytest.approx(s1["seconds"] + s2["seconds"] + s3["seconds"])
+    unknown = pl.run_pipeline(pl.load_plan(plan_file, ["src.expect_samples=null"]), dry_run=True)
+    s2 = next(r for r in unknown["stages"] if r["name"] == "s2")
+    assert s2["steps"] is None and "steps unknown" in s2["notes"][0]
+    assert unknown["total"]["stages_of_unknown_length"] == ["s2"]
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
     assert "total wall-clock on this machine, training stages:" in capsys.readouterr().out
 

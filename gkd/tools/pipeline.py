@@ -75,6 +75,7 @@ class StagePlan:
     manifest: Optional[str] = None  # shard: the split's images, no labels
     split: str = "train"
     shard_size: int = 1000
+    expect_samples: Optional[int] = None  # what the shards will hold: --dry-run's count before they exist
     # eval
     suite: Optional[str] = None
     models: dict[str, str] = field(default_factory=dict)  # report row name → stage-3 stage (default: the nearest)
@@ -423,7 +424,7 @@ def run_pipeline(plan: Any, dry_run: bool = False, calibrate: bool = False) -> d
                 _write_record(out, plan.name, record)
             log.info("pipeline: %s: stage %s → %s", step.plan.name, step.kind, step.out)
             try:
-                _run_step(step, plan)
+                entry.update(_run_step(step, plan) or {})
             except BaseException:
                 entry.update(state="failed", seconds=round(time.perf_counter() - started, 3))
                 if main:
@@ -558,11 +559,13 @@ def _launch(step: Step, plan: Any, module_args: Sequence[str]) -> None:
                         f"Rerunning the plan resumes it from its last checkpoint. Command: {' '.join(cmd)}")
 
 
-def _run_step(step: Step, plan: Any) -> None:
+def _run_step(step: Step, plan: Any) -> dict[str, Any] | None:
+    """Run one stage; what it reports for the pipeline record (a shard stage: its sample count)."""
     sp = step.plan
     if step.kind in ("1", "2", "3"):
         _launch(step, plan, [f"stage{step.kind}", *step.argv])
-        return
+        return None
+    report = None
     if step.kind == "eval":
         args = ["eval", *_eval_models(step), "--suite", sp.suite, "--out", str(step.out)]
         for manifest, root in plan.roots.items():
@@ -572,14 +575,12 @@ def _run_step(step: Step, plan: Any) -> None:
         args += ["--batch-size", str(sp.batch_size), "--workers", str(sp.num_workers)]
         _launch(step, plan, args)
     elif plan.launch.machine_rank == 0:  # one writer of the shard / encoder files (shared storage)
-        if step.kind == "shard":
-            _shard(step, plan)
-        else:
-            _baseline_encoder(step, plan)
+        report = _shard(step, plan) if step.kind == "shard" else _baseline_encoder(step, plan)
     else:
         _wait_for(step.output)
     if plan.launch.machine_rank == 0:
         (step.out / STEP_ARGS).write_text(json.dumps(_step_args(step, plan), indent=2) + "\n")
+    return report
 
 
 def _eval_models(step: Step) -> list[str]:
@@ -604,7 +605,7 @@ def shard_src(plan: Any, sp: StagePlan) -> Path:
     return resolve_root(sp.manifest, root_for(plan, sp.manifest))
 
 
-def _shard(step: Step, plan: Any) -> None:
+def _shard(step: Step, plan: Any) -> dict[str, Any]:
     from gkd.data import write_shards
 
     sp = step.plan
@@ -616,7 +617,11 @@ def _shard(step: Step, plan: Any) -> None:
 
         files = manifest_image_files(sp.manifest, sp.split, root=src)
         source = split_record(load_manifest(sp.manifest), sp.split, src, len(files))
-    write_shards(src, step.out, shard_size=sp.shard_size, files=files, source=source)
+    index = write_shards(src, step.out, shard_size=sp.shard_size, files=files, source=source)
+    if sp.expect_samples is not None and index.num_samples != sp.expect_samples:
+        log.warning("pipeline: %s: the shards hold %d samples, the plan expected %d (expect_samples); the stages "
+                    "reading them use the shards' count", sp.name, index.num_samples, sp.expect_samples)
+    return {"samples": index.num_samples, "expected_samples": sp.expect_samples}
 
 
 def _baseline_encoder(step: Step, plan: Any) -> None:
@@ -660,7 +665,7 @@ def describe(plan: Any, steps: Sequence[Step], missing: Sequence[str], calibrate
                                "finished": step.output.is_file()}
         if step.cfg is not None:
             kwargs = {"world_size": world_size(plan, step.plan), "parent": _lineage(step) or None}
-            cost = stage_cost(int(step.kind), step.cfg, **kwargs)
+            cost = stage_cost(int(step.kind), _expected_count(step, steps), **kwargs)
             row.update({k: v for k, v in cost.items() if k != "stage"}, runs=runs)
             if calibrate:
                 timed = step_seconds(int(step.kind), step.cfg, **kwargs)
@@ -699,6 +704,15 @@ def describe(plan: Any, steps: Sequence[Step], missing: Sequence[str], calibrate
         lines += [f"  {m}" for m in missing]
     print("\n".join(lines))
     return {"plan": plan.name, "stages": rows, "total": total, "missing": list(missing)}
+
+
+def _expected_count(step: Step, steps: Sequence[Step]) -> Any:
+    """The stage's config, for the cost only: with `data.num_samples` from its shard stage's
+    `expect_samples` when those shards are not written yet (the run itself counts the index)."""
+    source = next((s for s in steps if s.plan.name == step.plan.shards), None)
+    if source is None or source.output.is_file() or source.plan.expect_samples is None or step.cfg.data.num_samples:
+        return step.cfg
+    return _parse(type_of(step.cfg), [*step.argv, f"data.num_samples={source.plan.expect_samples}"], int(step.kind))
 
 
 def _lineage(step: Step) -> list[Any]:
