@@ -179,7 +179,7 @@ def test_a_plan_that_cannot_fit_together_is_refused_before_anything_runs(tmp_pat
         eval=lambda s: s.update(suite=str(other_suite)),
         plan=lambda p: p["launch"].update(num_processes=2))
     assert message.splitlines()[0] == "the plan cannot run:"
-    assert "stage 's2': its student vit_small_patch16_224  differs from the student of its parent 's1' " \
+    assert "stage 's2': its student vit_small_patch16_224 differs from the student of its parent 's1' " \
            "(vit_tiny_patch16_224 {'depth': 1, 'embed_dim': 32, 'num_heads': 2})" in message
     assert "stage 's3': " in message and "data.batch_size=3" in message  # 3 does not split over 2 processes
     assert "stage 'eval': target Seen (shapes train) is the data stage 's3' trains on" in message

@@ -235,7 +235,7 @@ def _wire(step: Step, sp: StagePlan, by_name: Mapping[str, Step], earlier: Seque
     if sp.stage == "eval":
         if not sp.suite:
             raise ValueError("an eval stage needs suite:")
-        rows = dict(sp.models) or {}
+        rows = dict(sp.models)
         if not rows:
             s3 = nearest(("3",), "a segmentor to evaluate")
             rows = {s3.plan.name: s3.plan.name}
@@ -290,9 +290,12 @@ def check_plan(plan: Any, steps: Sequence[Step], need_data: bool = True) -> list
             # as stage 2 builds it: the config's name and kwargs where given, else the parent's
             if mine.name is not None and (mine.name, dict(mine.kwargs) or dict(theirs.kwargs)) != (
                     theirs.name, dict(theirs.kwargs)):
-                problems.append(f"{where}: its student {mine.name} {dict(mine.kwargs) or ''} differs from the "
-                                f"student of its parent {step.parent.plan.name!r} ({theirs.name} "
-                                f"{dict(theirs.kwargs) or ''}); stage 2 continues its parent's student")
+                def text(name: str, kwargs: Any) -> str:
+                    return f"{name} {dict(kwargs)}" if kwargs else str(name)
+
+                problems.append(f"{where}: its student {text(mine.name, mine.kwargs)} differs from the student of "
+                                f"its parent {step.parent.plan.name!r} ({text(theirs.name, theirs.kwargs)}); stage 2 "
+                                "continues its parent's student")
     problems += _overlaps(steps)
     missing = _missing_data(plan, steps)
     if need_data and missing:
