@@ -35,17 +35,11 @@ from gkd.logs import setup_logging
 
 
 def _cmd_data_shard(args: argparse.Namespace) -> int:
-    from gkd.data import write_shards
+    from gkd.tools.shard import shard_images
 
-    files = source = None
-    if args.manifest:  # the images of a dataset split (stage 2 distils on them, without labels)
-        from gkd.data import load_manifest, manifest_image_files
-        from gkd.eval.protocol import split_record
-
-        files = manifest_image_files(args.manifest, args.split, root=args.src)
-        source = split_record(load_manifest(args.manifest), args.split, args.src, len(files))  # for gkd eval's check
-    index = write_shards(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, seed=args.seed,
-                         shuffle=not args.no_shuffle, files=files, source=source)
+    # with --manifest: the images of a dataset split (stage 2 distils on them, without labels)
+    index = shard_images(args.src, args.out, args.manifest, args.split, shard_size=args.shard_size,
+                         prefix=args.prefix, seed=args.seed, shuffle=not args.no_shuffle)
     print(f"wrote {len(index.shards)} shard(s), {index.num_samples} samples, {index.num_skipped} skipped (unreadable), "
           f"{index.ignored_summary()} → {args.out}")
     return 0
@@ -162,7 +156,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, num_workers=args.workers, limit=args.limit,
                        model_name=rows, groups=groups,
                        export_split=args.submission_split if args.export_submission else None,
-                       trackers=args.tracker)
+                       trackers=args.tracker, panels=args.panels)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -171,7 +165,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             for row in table:
                 print(" | ".join(str(c) for c in row))
         print(f"wrote {args.out}/results.md, results.csv, metrics.json"
-              + (f", submission/ ({args.submission_split} split)" if args.export_submission else ""))
+              + (f", submission/ ({args.submission_split} split)" if args.export_submission else "")
+              + (", panels/" if args.panels else ""))
     return 0
 
 
@@ -418,6 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tracker", action="append", default=[], choices=["tensorboard", "wandb", "mlflow"],
                     help="also log the per-target scores and a prediction panel per target to this tracker, "
                          "writing under --out (repeatable; pip install -e .[trackers])")
+
+    def panel_rows(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of rows, got {text!r}") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"the number of rows must be 0 or more, got {n}")
+        return n
+
+    ev.add_argument("--panels", type=panel_rows, default=0, metavar="N",
+                    help="write an image | ground truth | prediction-per-model PNG per target, N rows, "
+                         "under OUT/panels/ (default 0: none)")
     ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser(

@@ -1,14 +1,14 @@
-"""Find the YAML files the project ships (dataset manifests, evaluation suites) by name or path.
+"""Find the YAML files the project ships (dataset manifests, evaluation suites, plans) by name or path.
 
 In a source checkout or an editable install they live at the repository root (`data_manifests/`,
-`configs/suites/`); a wheel carries copies inside the package (`gkd/_resources/...`).
+`configs/suites/`, `plans/`); a wheel carries copies inside the package (`gkd/_resources/...`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
-KINDS = {"manifest": "data_manifests", "suite": "configs/suites"}
+KINDS = {"manifest": "data_manifests", "suite": "configs/suites", "plan": "plans"}
 
 
 def resource_dirs(kind: str) -> list[Path]:

@@ -21,6 +21,14 @@ TINY = [
 
 
 
+def recorded_cost(run_dir: Path) -> tuple[dict, dict]:
+    """A finished stage run's `flops` and `compute` events from its metrics.jsonl."""
+    import json
+
+    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return tuple(next(r for r in records if r.get("event") == e) for e in ("flops", "compute"))
+
+
 def make_images(folder: Path, n: int, seed: int = 0) -> Path:
     """n smooth random RGB images in ImageNet's <wnid>/<name>.JPEG layout, 3 classes."""
     rng = np.random.default_rng(seed)

@@ -9,11 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from gkd.demo import DemoError, run_demo, synth
+from helpers import recorded_cost
+
+from gkd.data import synth
+from gkd.demo import DemoError, run_demo
 from gkd.demo import run as demo_run
 from gkd.eval.visualize import PANEL_GAP, PANEL_HEADER
 
 K = len(synth.CLASSES)
+PANELS = {"night": "report/panels/Night.png", "fog": "report/panels/Fog.png",
+          "palette": "report/panels/Palette_swap.png", "val": "source-report/panels/Source_val.png"}
 PALETTE = np.asarray(synth.PALETTE, dtype=np.uint8)
 TINY_TEACHER = dict(teacher="vit_small_patch14_dinov2", teacher_random_init=True,
                     teacher_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 2})
@@ -90,6 +95,18 @@ def test_written_benchmark_reads_through_its_manifest_and_suites(tmp_path):
         np.testing.assert_array_equal(np.array(Image.open(a)), np.array(Image.open(b)))
 
 
+def test_shipped_manifest_and_suites_are_what_the_generator_writes():
+    """data_manifests/gkd_demo.yaml and configs/suites/gkd_demo*.yaml (the demo plan names them) are
+    copies of gkd.data.synth's output; regenerate them with manifest_yaml / suite_yaml when it changes."""
+    from pathlib import Path
+
+    from gkd.resources import find_resource
+
+    assert Path(find_resource("manifest", synth.MANIFEST_NAME)).read_text() == synth.manifest_yaml()
+    for name in synth.SUITES:
+        assert Path(find_resource("suite", name)).read_text() == synth.suite_yaml(synth.MANIFEST_NAME, name), name
+
+
 # ------------------------------------------------------------------------------- a shortened demo
 
 @pytest.fixture(scope="module")
@@ -97,7 +114,6 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     lines: list[str] = []
     result = run_demo(out, quick=True, echo=lines.append, **TINY_TEACHER)
-    demo_run.reset_accelerate_state()
     return out, result, lines
 
 
@@ -126,7 +142,7 @@ def test_quick_demo_writes_every_stage_report_and_panels(quick_run):
     from gkd.models import build_student_from_spec
 
     init = build_student_from_spec(s2["gkd_spec"], checkpoint=out / "init" / "encoder.safetensors",
-                                   patch_resample=demo_run.FULL.patch_resample)  # the demo's kernel rule
+                                   patch_resample="pinv")  # the demo's kernel rule (configs/demo/distill.yaml)
     baseline = load_file(out / "baseline" / "encoder.safetensors")
     assert all(torch.equal(v, baseline[k]) for k, v in init.state_dict().items())
     distilled = load_file(out / "stage2" / "encoder.safetensors")
@@ -142,18 +158,19 @@ def test_quick_demo_writes_every_stage_report_and_panels(quick_run):
     assert [r[0] for r in rows[1:]] == names
     md = (report / "results.md").read_text()
     assert "RANDOM weights" in md and all(name in md for name in names)
-    assert "the same initialisation, not distilled" in md  # every row says what it is
-    source = json.loads((report / "source" / "metrics.json").read_text())
+    assert "the same start (weights selected from the teacher), not distilled" in md  # every row says what it is (the plan's descriptions)
+    source = json.loads((out / "source-report" / "metrics.json").read_text())
     assert list(source["models"][0]["datasets"]) == ["Source val"]
 
     assert result.header[0] == "Model" and result.header[-1] == "Source val (ref.)" and len(result.rows) == 3
     assert any("Avg (targets)" in line for line in lines)  # the final table went to the echo
-    assert lines[0].startswith("gkd demo") and any(line.startswith("[8/8]") for line in lines)
+    assert lines[0].startswith("gkd demo") and any(line.startswith("[13/13] source-report") for line in lines)
     summary = json.loads((out / "demo.json").read_text())
     assert summary["table"]["rows"] == result.rows and set(summary["row_descriptions"]) == set(names)
-    assert set(summary["timings_s"]) >= {"stage1", "stage2", "stage3", "baseline_stage3", "teacher_stage3", "total"}
-    for name in (*synth.TARGETS, "source_val"):
-        assert (out / "panels" / f"{name}.png").is_file(), name
+    assert set(summary["timings_s"]) >= {"stage1", "stage2", "stage3", "baseline-stage3", "teacher-stage3", "total"}
+    for name in PANELS.values():
+        assert (out / name).is_file(), name
+    assert json.loads((out / "demo.pipeline.json").read_text())["plan"] == "demo"
 
 
 @pytest.mark.slow
@@ -163,10 +180,11 @@ def test_panel_tiles_are_image_ground_truth_and_predictions(quick_run):
     out, result, _ = quick_run
     models = [load_segmentor(out / name / "segmentor.safetensors")[0]
               for name in ("stage3", "baseline-stage3", "teacher-stage3")]
-    size = demo_run.QUICK.sizes.size
-    for split in synth.TARGETS:
-        panel = np.array(Image.open(out / "panels" / f"{split}.png").convert("RGB"))
-        for r in range(demo_run.QUICK.panel_rows):
+    size, rows = 64, 2  # the QUICK overrides' image size and panel rows
+    for split, name in PANELS.items():
+        panel = np.array(Image.open(out / name).convert("RGB"))
+        assert panel.shape[0] == PANEL_HEADER + rows * (size + PANEL_GAP) - PANEL_GAP
+        for r in range(rows):
             stem = f"{split}_{r:05d}.png"
             image = np.array(Image.open(out / "data" / "images" / split / stem).convert("RGB"))
             label = np.array(Image.open(out / "data" / "labels" / split / stem))
@@ -205,6 +223,47 @@ def test_refuses_to_start_without_the_teacher_weights(tmp_path, monkeypatch, cap
     assert not out.exists() and not calls
 
 
+@pytest.mark.slow
+def test_gkd_demo_is_the_shipped_plan_and_a_rerun_skips_every_stage(quick_run):
+    """`gkd demo` runs plans/demo.yaml: `gkd pipeline demo` with the same overrides finds every stage
+    finished (the same resolved configs and arguments) and runs nothing; so does a second `gkd demo`."""
+    from gkd.tools.pipeline import load_plan, run_pipeline
+
+    out, result, _ = quick_run
+    overrides = demo_run.demo_overrides(out, result.teacher, seed=0, quick=True)
+    record = run_pipeline(load_plan("demo", overrides), echo=lambda line: None)
+    assert [e["state"] for e in record["stages"]] == ["skipped"] * 13
+    assert record["stages"][4]["seconds"] == result.timings["stage1"]  # what the stage took when it ran
+    lines: list[str] = []
+    again = run_demo(out, quick=True, echo=lines.append, **TINY_TEACHER)
+    assert again.rows == result.rows and sum("finished before, skipped" in line for line in lines) == 13
+    # a changed recipe is refused, naming the run and the keys, before anything runs
+    from gkd.tools.pipeline import PlanError
+
+    with pytest.raises(PlanError, match=r"stage1.*another config.*optim.lr"):
+        run_pipeline(load_plan("demo", [*overrides, "stage1.optim.lr=1e-3"]), echo=lambda line: None)
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_demo_plan_counts_what_its_stages_recorded(quick_run, tmp_path):
+    """Before anything is written (the encoders' architectures predicted from the stages that will
+    write them), the dry run's FLOPs per step and steps equal each training stage's recorded ones."""
+    from gkd.tools.pipeline import load_plan, run_pipeline
+
+    out, result, _ = quick_run
+    fresh = tmp_path / "fresh"
+    dry = run_pipeline(load_plan("demo", demo_run.demo_overrides(fresh, result.teacher, quick=True)), dry_run=True)
+    assert dry["missing"] == [] and not fresh.exists()
+    counted = 0
+    for row in dry["stages"]:
+        if row["stage"] not in ("1", "2", "3"):
+            continue
+        flops, compute = recorded_cost(out / row["name"])
+        assert (row["flops_per_step"], row["steps"]) == (flops["flops_per_step"], compute["steps"]), row["name"]
+        counted += 1
+    assert counted == 5
+
+
 def test_teacher_choice(tmp_path, monkeypatch):
     from gkd.models import imgfocus
 
@@ -219,6 +278,24 @@ def test_teacher_choice(tmp_path, monkeypatch):
     timm = demo_run.resolve_teacher("vit_base_patch14_dinov2", checkpoint="w.pth")
     assert timm.checkpoint == "w.pth" and "RANDOM" not in timm.description
     assert "RANDOM" in demo_run.resolve_teacher("vit_small_patch14_dinov2", random_init=True).description
+
+
+def test_demo_options_become_plan_overrides(tmp_path):
+    """An hf: teacher reaches every stage that uses it and drops the teacher row (gkd teacher-encoder
+    does not take hf: teachers); --seed seeds the data and every stage."""
+    from gkd.tools.pipeline import resolve
+
+    choice = demo_run.resolve_teacher("hf:facebook/dinov2-small")  # nothing is loaded here
+    plan = demo_run.load_demo_plan(tmp_path / "run", choice, seed=4)
+    steps = {s.plan.name: s for s in resolve(plan)}
+    assert not set(demo_run.TEACHER_STAGES) & set(steps)
+    assert list(steps["report"].models) == list(steps["source-report"].models) == [demo_run.GKD_ROW, demo_run.BASELINE_ROW]
+    for name in ("stage1", "stage2"):
+        t = steps[name].cfg.teacher
+        assert (t.name, dict(t.kwargs)) == ("hf:facebook/dinov2-small", {"pos_interp": "official"}), name
+    assert steps["init"].plan.args.from_teacher == "hf:facebook/dinov2-small"
+    assert steps["data"].plan.args.seed == steps["init"].plan.args.seed == 4
+    assert {steps[n].cfg.seed for n in ("stage1", "stage2", "stage3", "baseline-stage3")} == {4}
 
 
 def test_refuses_a_timm_teacher_without_weights_and_a_foreign_out_dir(tmp_path):

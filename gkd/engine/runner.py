@@ -63,18 +63,24 @@ def _run_seeds(stage: int, cfg, argv: list[str]) -> Path:
     """One run per seed (later overrides win over `argv`'s), then the folder's seeds.json."""
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds has repeats: {list(cfg.seeds)}")
-    out, parent_key = Path(cfg.out_dir), ("encoder" if stage == 3 else "init")
-    parent = cfg.get(parent_key)
     runs = []
     for seed in cfg.seeds:
-        extra = [f"seed={seed}", f"out_dir={out / f'seed{seed}'}", "seeds=[]"]
-        if parent and Path(parent).is_dir():  # a multi-seed parent: the run of the same seed
-            extra.append(f"{parent_key}={seed_run(parent, seed)}")
-        runs.append(str(run_stage(stage, [*argv, *extra])))
+        runs.append(str(run_stage(stage, [*argv, *seed_overrides(stage, cfg, seed)])))
         reset_accelerate_state()  # the next run builds its own Accelerator
-    path = out / SEEDS_FILE
+    path = Path(cfg.out_dir) / SEEDS_FILE
     path.write_text(json.dumps({"stage": stage, "seeds": list(cfg.seeds), "runs": runs}, indent=2) + "\n")
     return path
+
+
+def seed_overrides(stage: int, cfg, seed: int) -> list[str]:
+    """The overrides of seed `seed`'s run of a multi-seed stage config: its seed and folder
+    (`<out_dir>/seed<k>`) and, when the parent (`init=` / stage 3's `encoder=`) is a multi-seed
+    folder, the parent's run of the same seed (a parent file is every seed's)."""
+    extra = [f"seed={seed}", f"out_dir={Path(cfg.out_dir) / f'seed{seed}'}", "seeds=[]"]
+    key = "encoder" if stage == 3 else "init"
+    if cfg.get(key) and Path(cfg.get(key)).is_dir():
+        extra.append(f"{key}={seed_run(cfg.get(key), seed)}")
+    return extra
 
 
 def seed_runs(folder: str | Path) -> dict[int, Path]:

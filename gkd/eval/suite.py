@@ -23,7 +23,7 @@ from gkd.tracking import check_trackers, log_files, log_images, start_trackers
 
 from .metrics import SegMetric
 from .predict_loop import predict_dataset, process_state
-from .visualize import prediction_panel, to_uint8_image
+from .visualize import models_panel, prediction_panel, to_uint8_image
 from .targets import PreparedTarget, Suite, load_suite, resolve_resize, slugify
 
 __all__ = ["RESULTS_FORMAT", "dataset_entry", "default_model_name", "evaluate_target", "model_entry",
@@ -81,7 +81,7 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
              roots: Mapping[str, str] | None = None, save_predictions: bool = False, batch_size: int = 1,
              num_workers: int = 2, limit: int | None = None, accelerator: Any = None,
              model_name: str | Sequence[str] | None = None, groups: Mapping[str, Sequence[str]] | None = None,
-             export_split: str | None = None, trackers: Sequence[str] = ()) -> dict[str, Any]:
+             export_split: str | None = None, trackers: Sequence[str] = (), panels: int = 0) -> dict[str, Any]:
     """Evaluate one checkpoint (or several: one report row each) on every target of `suite`.
 
     Before any model is loaded, every checkpoint's protocol record is checked against the targets
@@ -95,6 +95,8 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     `trackers` (tensorboard, wandb, mlflow; `gkd.tracking`): log each model's per-target scores
     (`eval/<model>/<target>/mIoU`, …), an image | ground truth | prediction panel per target, and
     (MLflow) the report files, to one tracker run writing under `out_dir`.
+    `panels` N > 0: the main process writes `out_dir/panels/<target slug>.png`, an image | ground truth |
+    prediction-per-model grid of the first N images it scores of each target.
     Under `accelerate launch`, process r scores images r, r+W, r+2W, … of each dataset and the
     confusion matrices are summed across processes.
     Returns the results dict written to metrics.json (NaN where a metric is undefined).
@@ -103,6 +105,8 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
     from .report import seed_groups, write_report
     from .submission import export_submission
 
+    if isinstance(panels, bool) or not isinstance(panels, int) or panels < 0:
+        raise ValueError(f"run_eval: panels must be a whole number >= 0, not {panels!r}")
     check_writable(out_dir, "the report folder")  # before the evaluation, not after it
     trackers = check_trackers(trackers, "trackers")
     suite = load_suite(suite)
@@ -137,6 +141,9 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
         start_trackers(state, "gkd-eval", {"suite": suite.name, "checkpoints": json.dumps([str(c) for c in checkpoints])},
                        out_dir)
     models = []
+    own_panels = panels if state.is_main_process else 0  # only the main process writes panel files
+    panel_rows = max(own_panels, _TRACKER_PANEL_ROWS if trackers else 0)
+    grids: dict[str, dict[str, list]] = {}  # target slug → rows (image, label) and predictions per model
     for ckpt, name, protocol in zip(checkpoints, names, protocols):
         model, metadata = load_segmentor(ckpt)
         _check_classes(model, prepared, ckpt)
@@ -146,15 +153,20 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
             pred_dir = out_dir / "predictions" / pt.target.slug if save_predictions else None
             if save_predictions and len(checkpoints) > 1:
                 pred_dir = out_dir / "predictions" / _slug(name) / pt.target.slug
-            panel = [] if trackers else None
-            metric, count = evaluate_target(model, pt, suite, state, batch_size=batch_size,
-                                            num_workers=num_workers, limit=limit, pred_dir=pred_dir, panel=panel)
+            panel = [] if panel_rows else None
+            metric, count = evaluate_target(model, pt, suite, state, batch_size=batch_size, num_workers=num_workers,
+                                            limit=limit, pred_dir=pred_dir, panel=panel, panel_rows=panel_rows)
             datasets[pt.target.name] = dataset_entry(metric.compute(), pt, count)
             if state.is_main_process:
                 log.info("%s on %s: mIoU %.2f", name, pt.target.name, datasets[pt.target.name]["mIoU"])
-            if panel:
+            if panel and own_panels:  # image and label from the first model, a prediction from each
+                grid = grids.setdefault(pt.target.slug, {
+                    "rows": [(image, label) for image, label, _ in panel[:own_panels]], "predictions": []})
+                grid["predictions"].append([pred for _, _, pred in panel[:own_panels]])
+            if panel and trackers:
                 log_images(state, {f"eval/{_slug(name)}/{pt.target.slug}/panel": prediction_panel(
-                    panel, getattr(pt.manifest, "palette", None), len(pt.classes), pt.target.name)}, step=0)
+                    panel[:_TRACKER_PANEL_ROWS], getattr(pt.manifest, "palette", None), len(pt.classes),
+                    pt.target.name)}, step=0)
         exports = []
         for pt in submissions:
             sub_dir = out_dir / "submission" / (_slug(name) if len(checkpoints) > 1 else "")
@@ -168,6 +180,8 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
             models[-1]["submissions"] = exports
         del model
 
+    if grids:
+        _write_panels(grids, prepared, names, out_dir / "panels")
     results = {"format": RESULTS_FORMAT, "suite": suite.to_dict(), "models": models}
     if groups:
         results["groups"] = seed_groups(models, groups)
@@ -179,6 +193,29 @@ def run_eval(checkpoint: str | Path | Sequence[str | Path], suite: str | Path | 
         state.end_training()
     state.wait_for_everyone()
     return results
+
+
+_TRACKER_PANEL_ROWS = 4  # rows of the panel a tracker gets per model and target
+
+
+def _write_panels(grids: Mapping[str, Mapping[str, list]], prepared: list[PreparedTarget], names: Sequence[str],
+                  folder: Path) -> list[Path]:
+    """One `<target slug>.png` per target: image | ground truth | one prediction column per model."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for pt in prepared:
+        grid = grids.get(pt.target.slug)
+        if not grid or not grid["rows"]:
+            continue
+        image = models_panel(grid["rows"], grid["predictions"], getattr(pt.manifest, "palette", None),
+                             len(pt.classes), [pt.target.name, "ground truth", *names])
+        path = folder / f"{pt.target.slug}.png"
+        Image.fromarray(image).save(path)
+        written.append(path)
+    log.info("wrote %d panel(s) under %s", len(written), folder)
+    return written
 
 
 def tracker_scalars(name: str, entry: Mapping[str, Any]) -> dict[str, float]:
@@ -232,7 +269,8 @@ def evaluate_target(model: Any, pt: PreparedTarget, suite: Suite, state: Any, *,
     """Score this process's share of one dataset; returns (metric reduced over processes, #images).
 
     panel: a list that receives (image [H,W,3] uint8, label [H,W], prediction [H,W]) for the first
-    `panel_rows` images this process scores (`gkd.eval.visualize.prediction_panel` draws them)."""
+    `panel_rows` images this process scores (`gkd.eval.visualize.prediction_panel` and
+    `models_panel` draw them)."""
     total = len(pt.dataset) if limit is None else min(limit, len(pt.dataset))
     indices = list(range(state.process_index, total, state.num_processes))
     metric = SegMetric(len(pt.classes), ignore_index=int(getattr(pt.manifest, "ignore_index", 255)))

@@ -109,17 +109,42 @@ def compose_panel(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str]) -
     return out
 
 
+def models_panel(samples: Sequence[Sequence[np.ndarray]], predictions: Sequence[Sequence[np.ndarray]],
+                 palette: Sequence[Sequence[int]] | None, num_classes: int, titles: Sequence[str],
+                 height: int | None = None) -> np.ndarray:
+    """Rows of image | ground truth | one prediction per model → RGB uint8 panel.
+
+    samples: (image [H,W,3] uint8, label [H,W]) per row (further items are ignored);
+    predictions: per model, one prediction [H,W] per row; titles: one per column.
+    height None: tiles at the images' native size when all rows have the same size, else every row
+    scaled to the first image's size; height N: every row scaled to N pixels (the first image's
+    aspect ratio). Images are scaled bilinearly, masks by nearest neighbour."""
+    if not samples:
+        raise ValueError("models_panel: no rows to draw")
+    predictions = [list(p) for p in predictions]
+    if any(len(p) != len(samples) for p in predictions):
+        raise ValueError(f"models_panel: {len(samples)} rows but {[len(p) for p in predictions]} predictions per model")
+    if len(titles) != 2 + len(predictions):
+        raise ValueError(f"models_panel: {2 + len(predictions)} columns but {len(titles)} titles")
+    h0, w0 = samples[0][0].shape[:2]
+    size = (w0, h0) if height is None else (max(1, round(w0 * height / h0)), height)  # PIL's (width, height)
+
+    def fit(tile: np.ndarray, resample: int) -> np.ndarray:
+        return tile if tile.shape[1::-1] == size else np.asarray(Image.fromarray(tile).resize(size, resample))
+
+    rows = []
+    for r, (image, label, *_) in enumerate(samples):
+        masks = [label, *(p[r] for p in predictions)]
+        rows.append([fit(np.ascontiguousarray(image, dtype=np.uint8), Image.BILINEAR),
+                     *(fit(colorize(m, palette, num_classes), Image.NEAREST) for m in masks)])
+    return compose_panel(rows, titles)
+
+
 def prediction_panel(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: Sequence[Sequence[int]] | None,
                      num_classes: int, title: str, height: int = 192) -> np.ndarray:
     """Rows of image | ground truth | prediction, each scaled to `height` pixels (the first image's
-    aspect ratio; masks by nearest neighbour) → RGB uint8 panel.
+    aspect ratio; masks by nearest neighbour) → RGB uint8 panel (`models_panel` with one model).
 
     samples: (image [H,W,3] uint8, label [H,W], prediction [H,W]) per row."""
-    h0, w0 = samples[0][0].shape[:2]
-    size = (max(1, round(w0 * height / h0)), height)  # PIL's (width, height)
-    rows = []
-    for image, label, pred in samples:
-        rows.append([np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)),
-                     *(np.asarray(Image.fromarray(colorize(m, palette, num_classes)).resize(size, Image.NEAREST))
-                       for m in (label, pred))])
-    return compose_panel(rows, [title, "ground truth", "prediction"])
+    return models_panel(samples, [[pred for _, _, pred in samples]], palette, num_classes,
+                        [title, "ground truth", "prediction"], height=height)

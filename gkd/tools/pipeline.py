@@ -2,11 +2,17 @@
 
 A plan (`Plan`) lists its stages in order; each runs in `<out_dir>/<name>/`:
 
+* `synth`: the procedural benchmark of `gkd demo` (`gkd.data.synth`; `args`: seed and sizes),
+  written into the stage's folder (the root of the `gkd_demo` manifest);
 * `shard`: `gkd data shard` of an image folder or a dataset split (`src`, `manifest`, `split`);
 * `1`, `2`, `3`: the training stages, each under `accelerate launch` as its own process (the
   plan's `launch` section: processes, machines, mixed precision), so one plan runs on a CPU, a GPU
   or several nodes;
-* `encoder`: the no-distillation baseline of a distilled encoder (its architecture, random weights);
+* `encoder`: an encoder file no training stage writes (`make`): `baseline`, the no-distillation row
+  of its parent (its architecture, random weights or the `weights` stage's, resampled); `student`,
+  a student at a geometry (random or weight-selected from a teacher: `args` as
+  `gkd.tools.encoders.write_student_encoder`), which a stage 1 with it as `parent` starts from;
+  `teacher`, the frozen teacher (`args` as `write_teacher_encoder`), the upper-bound row;
 * `eval`: `gkd eval` of the plan's segmentors on a suite, also under `accelerate launch`.
 
 The plan wires the handoffs: a stage's `parent` (default: the nearest earlier stage that makes what
@@ -33,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from omegaconf import MISSING
 
@@ -42,9 +48,10 @@ from gkd.config import (ConfigError, DistillConfig, SegmentConfig, check_world, 
 
 log = logging.getLogger(__name__)
 
-KINDS = ("shard", "1", "2", "3", "encoder", "eval")
+KINDS = ("synth", "shard", "1", "2", "3", "encoder", "eval")
+MAKES = ("baseline", "student", "teacher")  # what an encoder stage writes
 SEEDS_FILE = "seeds.json"
-STEP_ARGS = "step.json"  # a shard / encoder / eval stage's arguments, to tell a finished one of this plan
+STEP_ARGS = "step.json"  # a synth / shard / encoder / eval stage's arguments, to tell a finished one of this plan
 
 
 @dataclass
@@ -58,16 +65,22 @@ class LaunchPlan:
     main_process_port: Optional[int] = None
     mixed_precision: str = "no"
     cpu: bool = False  # CPU processes (gloo) even where CUDA is present (ACCELERATE_USE_CPU=1)
+    # torch threads per process; None: $OMP_NUM_THREADS when set, else the machine's cores shared by its
+    # processes (accelerate launch alone would give every process 1 thread)
+    cpu_threads: Optional[int] = None
     args: list[str] = field(default_factory=list)  # further `accelerate launch` options, as given
 
 
 @dataclass
 class StagePlan:
     name: str = MISSING  # its folder under out_dir; stage overrides on the command line: <name>.key=value
-    stage: str = MISSING  # shard | 1 | 2 | 3 | encoder | eval
+    stage: str = MISSING  # synth | shard | 1 | 2 | 3 | encoder | eval
+    description: str = ""  # printed when the stage starts
     config: list[str] = field(default_factory=list)  # config files (overlays, in order)
     overrides: list[str] = field(default_factory=list)  # key=value
-    parent: Optional[str] = None  # the stage whose handoff this one takes (default: the nearest earlier one)
+    # the stage whose handoff this one takes (default: the nearest earlier one; a stage 1 only when named:
+    # an encoder stage whose file is its student.checkpoint)
+    parent: Optional[str] = None
     shards: Optional[str] = None  # 1 | 2: the shard stage whose folder is data.train_shards
     num_processes: Optional[int] = None  # this stage's processes per machine (default: launch.num_processes)
     # shard
@@ -76,12 +89,17 @@ class StagePlan:
     split: str = "train"
     shard_size: int = 1000
     expect_samples: Optional[int] = None  # what the shards will hold: --dry-run's count before they exist
+    # encoder
+    make: str = "baseline"  # baseline | student | teacher
+    weights: Optional[str] = None  # baseline: the encoder stage whose weights it takes (the distillation's start)
+    args: dict[str, Any] = field(default_factory=dict)  # synth: seed and sizes; encoder student | teacher: the writer's
     # eval
     suite: Optional[str] = None
     models: dict[str, str] = field(default_factory=dict)  # report row name → stage-3 stage (default: the nearest)
     limit: Optional[int] = None
     batch_size: int = 1
     num_workers: int = 2
+    panels: int = 0  # rows of the image | ground truth | predictions PNG per target (0: none)
 
 
 @dataclass
@@ -103,9 +121,13 @@ def load_plan(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     """The plan file with `key=value` overrides. `<stage name>.<field>=value` sets a field of that
     stage (`eval.limit=50`, `s3.num_processes=4`); `<stage name>.<config key>=value` is added to
     its config overrides (`s3.optim.iters=100`); anything else sets the plan (`out_dir=`,
-    `seeds=[0,1,2]`, `launch.num_processes=8`)."""
-    if not Path(path).is_file():
-        raise ConfigError(f"plan file not found: {path}")
+    `seeds=[0,1,2]`, `launch.num_processes=8`). `path`: a plan file, or a shipped plan's name (`demo`)."""
+    from gkd.resources import find_resource
+
+    try:
+        path = find_resource("plan", path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"plan file not found: {path} ({e})") from None
     import yaml
     from dataclasses import fields
 
@@ -121,19 +143,33 @@ def load_plan(path: str | Path, overrides: Sequence[str] = ()) -> Any:
         else:
             own.append(item)
     plan = load_config(Plan, [path], own)
+    plan = _shipped_configs(plan, Path(path))
     if per_stage:
         from omegaconf import OmegaConf
 
         data = to_container(plan)
         for s in data["stages"]:
             for item in per_stage.get(s["name"], []):
-                field_name = item.partition("=")[0]
-                if field_name in stage_fields:
-                    s.update(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+                if item.partition("=")[0].split(".")[0] in stage_fields:  # `args.seed=1` merges into args
+                    merged = OmegaConf.merge(OmegaConf.create(s), OmegaConf.from_dotlist([item]))
+                    s.update(OmegaConf.to_container(merged))
                 else:
                     s["overrides"] = [*s["overrides"], item]
         plan = load_config(Plan, [], [], base=data)
     return plan
+
+
+def _shipped_configs(plan: Any, path: Path) -> Any:
+    """A stage config path that is not there relative to the working directory, but is relative to
+    the folder that holds the plan's `plans/` (the repository, or a wheel's `gkd/_resources`), made
+    absolute: a shipped plan runs from any directory."""
+    home = path.resolve().parent.parent
+    data, changed = to_container(plan), False
+    for s in data["stages"]:
+        for i, c in enumerate(s["config"]):
+            if not Path(c).is_file() and not Path(c).is_absolute() and (home / c).is_file():
+                s["config"][i], changed = str(home / c), True
+    return load_config(Plan, [], [], base=data) if changed else plan
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,8 +184,9 @@ class Step:
     out: Path  # its folder
     argv: list[str] = field(default_factory=list)  # a training stage's --config/key=value arguments
     cfg: Any = None  # its resolved config (training stages)
-    seeds: list[int] = field(default_factory=list)  # the plan's seeds (training and encoder stages)
+    seeds: list[int] = field(default_factory=list)  # the plan's seeds, where they fan the stage out
     parent: Optional["Step"] = None
+    weights: Optional["Step"] = None  # a baseline encoder's start
     models: dict[str, "Step"] = field(default_factory=dict)  # eval
 
     @property
@@ -159,6 +196,10 @@ class Step:
     @property
     def output(self) -> Path:
         """What the stage hands over: a file, a seeds folder's seeds.json, a shard folder, a report."""
+        if self.kind == "synth":
+            from gkd.data.synth import MANIFEST_NAME
+
+            return self.out / f"{MANIFEST_NAME}.yaml"
         if self.kind == "shard":
             return self.out / "train-index.json"
         if self.kind == "eval":
@@ -173,8 +214,12 @@ class Step:
         return self.out if self.output.name == SEEDS_FILE else self.output
 
 
-_NEEDS = {"2": ("1", "2"), "3": ("1", "2", "encoder"), "encoder": ("1", "2")}
-_TRAINS = ("1", "2", "3", "encoder")  # the stages a plan's seeds fan out
+_NEEDS = {"2": ("1", "2"), "3": ("1", "2", "encoder"), "encoder": ("1", "2")}  # encoder: a baseline's
+
+
+def _seeded(sp: StagePlan) -> bool:
+    """Whether the plan's seeds fan the stage out (a student or teacher encoder is one file for all)."""
+    return sp.stage in ("1", "2", "3") or (sp.stage == "encoder" and sp.make == "baseline")
 
 
 def resolve(plan: Any) -> list[Step]:
@@ -195,7 +240,7 @@ def resolve(plan: Any) -> list[Step]:
         if sp.name in by_name or sp.name in ("", ".", "..") or "/" in sp.name:
             problems.append(f"{where}: stage names must be unique folder names")
             continue
-        step = Step(sp, out / sp.name, seeds=[int(s) for s in plan.seeds] if sp.stage in _TRAINS else [])
+        step = Step(sp, out / sp.name, seeds=[int(s) for s in plan.seeds] if _seeded(sp) else [])
         try:
             _wire(step, sp, by_name, steps)
             if sp.stage in ("1", "2", "3"):
@@ -223,7 +268,25 @@ def _wire(step: Step, sp: StagePlan, by_name: Mapping[str, Step], earlier: Seque
                 return s
         raise ValueError(f"needs {what}: no earlier stage {' or '.join(kinds)} (name one with parent:)")
 
-    if sp.stage in _NEEDS:
+    if sp.stage == "encoder":
+        if sp.make not in MAKES:
+            raise ValueError(f"make must be one of {', '.join(MAKES)}, not {sp.make!r}")
+        if sp.make != "baseline":
+            _check_args(sp)
+            if sp.parent:
+                raise ValueError(f"parent: a {sp.make} encoder is made from its args, not from another stage")
+        if sp.weights:
+            if sp.make != "baseline":
+                raise ValueError("weights: only a baseline encoder takes another stage's weights")
+            step.weights = named(sp.weights, ("encoder",), "weights")
+    elif sp.stage == "synth":
+        _check_args(sp)
+    if sp.stage == "1" and sp.parent:
+        step.parent = named(sp.parent, ("encoder",), "parent")
+        if step.parent.plan.make != "student":
+            raise ValueError(f"parent {sp.parent!r} must be an encoder stage with make: student (stage 1 starts "
+                             "its student from that file)")
+    elif sp.stage in _NEEDS and (sp.stage != "encoder" or sp.make == "baseline"):
         kinds = _NEEDS[sp.stage]
         step.parent = named(sp.parent, kinds, "parent") if sp.parent else nearest(kinds, "an encoder to start from")
     if sp.shards:
@@ -251,17 +314,58 @@ def _configure(step: Step, plan: Any) -> None:
     if plan.seeds:
         wired.append(f"seeds=[{','.join(str(int(s)) for s in plan.seeds)}]")
     if step.parent is not None:
-        wired.append(f"{'encoder' if stage == 3 else 'init'}={step.parent.handoff}")
+        key = {1: "student.checkpoint", 2: "init", 3: "encoder"}[stage]
+        wired.append(f"{key}={step.parent.handoff}")
     if sp.shards:
         wired.append(f"data.train_shards={step.out.parent / sp.shards}")
     schema = SegmentConfig if stage == 3 else DistillConfig
-    probe = _parse(schema, argv + wired, stage)
-    if stage == 3 and probe.data.root is None and root_for(plan, probe.data.manifest):
-        wired.append(f"data.root={root_for(plan, probe.data.manifest)}")
     step.argv = argv + wired
     step.cfg = _parse(schema, step.argv, stage)
+    # dataset roots from the plan's `roots`: stage 3's data, stages 1-2's source probe
+    section = "data" if stage == 3 else "probe"
+    data = step.cfg[section]
+    if data.manifest and data.root is None and root_for(plan, data.manifest):
+        root = root_for(plan, data.manifest)
+        step.argv.append(f"{section}.root={root}")
+        from omegaconf import OmegaConf
+
+        OmegaConf.set_readonly(step.cfg, False)
+        data.root = root  # what parsing the argument gives, without a second parse
+        OmegaConf.set_readonly(step.cfg, True)
     if step.cfg.stage != stage:
         raise ConfigError(f"its config says stage={step.cfg.stage}")
+
+
+def _args(sp: StagePlan) -> dict[str, Any]:
+    """A stage's `args` as plain Python values (nested ones too)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(sp.args, resolve=True) if OmegaConf.is_config(sp.args) else dict(sp.args)
+
+
+def _check_args(sp: StagePlan) -> None:
+    """A synth or student / teacher encoder stage's `args`: known names, the required ones given."""
+    import inspect
+
+    if sp.stage == "synth":
+        from dataclasses import fields
+
+        from gkd.data.synth import BenchmarkSizes
+
+        known, required = {"seed", *(f.name for f in fields(BenchmarkSizes))}, set()
+    else:
+        from gkd.tools import encoders
+
+        writer = encoders.write_student_encoder if sp.make == "student" else encoders.write_teacher_encoder
+        params = list(inspect.signature(writer).parameters.values())[1:]  # after `out`
+        known = {p.name for p in params if p.kind is not p.VAR_KEYWORD} | {"kwargs"}  # kwargs: the timm ones
+        required = {p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD}
+    unknown, absent = sorted(set(sp.args) - known), sorted(required - set(sp.args))
+    if unknown or absent:
+        what = "synth" if sp.stage == "synth" else f"{sp.make} encoder"
+        raise ValueError(f"args of a {what} stage: " + "; ".join(
+            ([f"unknown {', '.join(unknown)}"] if unknown else []) + ([f"missing {', '.join(absent)}"] if absent else []))
+            + f" (it takes {', '.join(sorted(known))})")
 
 
 def _parse(schema: type, argv: Sequence[str], stage: int) -> Any:
@@ -357,9 +461,21 @@ def _missing_data(plan: Any, steps: Sequence[Step]) -> list[str]:
 
     missing: list[str] = []
     made = {s.plan.name for s in steps if s.kind == "shard"}
+    written = [s.out.resolve() for s in steps if s.kind == "synth"]  # data an earlier stage generates
+
+    def generated(path: Optional[str]) -> bool:
+        return path is not None and any(Path(path).resolve().is_relative_to(w) for w in written)
+
+    def check_root(where: str, manifest: str, root: Optional[str]) -> None:
+        try:
+            if not generated(root):
+                resolve_root(manifest, root)
+        except (FileNotFoundError, ValueError) as e:
+            missing.append(f"{where}: {e}")
+
     for s in steps:
         where = f"stage {s.plan.name!r}"
-        if s.kind == "shard":
+        if s.kind == "shard" and not generated(s.plan.src or root_for(plan, s.plan.manifest)):
             try:
                 shard_src(plan, s.plan)
             except (FileNotFoundError, ValueError) as e:
@@ -369,18 +485,12 @@ def _missing_data(plan: Any, steps: Sequence[Step]) -> list[str]:
             if not _shards_exist(pattern):
                 missing.append(f"{where}: data.train_shards={pattern}")
         if s.kind == "3":
-            try:
-                resolve_root(s.cfg.data.manifest, s.cfg.data.root)
-            except (FileNotFoundError, ValueError) as e:
-                missing.append(f"{where}: {e}")
+            check_root(where, s.cfg.data.manifest, s.cfg.data.root)
         if s.kind == "eval":
             from gkd.eval.targets import load_suite
 
             for t in load_suite(s.plan.suite).targets:
-                try:
-                    resolve_root(t.manifest, root_for(plan, t.manifest))
-                except (FileNotFoundError, ValueError) as e:
-                    missing.append(f"{where}: target {t.name}: {e}")
+                check_root(f"{where}: target {t.name}", t.manifest, root_for(plan, t.manifest))
     return missing
 
 
@@ -398,15 +508,20 @@ def _shards_exist(pattern: str) -> bool:
 # running
 
 
-def run_pipeline(plan: Any, dry_run: bool = False, calibrate: bool = False) -> dict[str, Any]:
+def run_pipeline(plan: Any, dry_run: bool = False, calibrate: bool = False,
+                 echo: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Check the plan, then run its stages in order (skipping the finished ones); the pipeline record.
 
     dry_run: print the cost of each stage instead (`describe`), running nothing; calibrate: with
-    a wall-clock estimate on this machine from a few timed steps."""
+    a wall-clock estimate on this machine from a few timed steps. echo: where the line announcing
+    each stage goes (default: stdout, flushed before the stage's own output follows)."""
+    echo = echo or (lambda line: print(line, flush=True))
     steps = resolve(plan)
     missing = check_plan(plan, steps, need_data=not dry_run)
     if dry_run:
         return describe(plan, steps, missing, calibrate)
+    # before anything runs or is written: a folder of another config is refused here
+    finished = [_finished(step, plan) for step in steps]
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main = plan.launch.machine_rank == 0
@@ -414,18 +529,19 @@ def run_pipeline(plan: Any, dry_run: bool = False, calibrate: bool = False) -> d
     earlier = _earlier_seconds(out, plan.name)
     if main:
         (out / f"{plan.name}.plan.yaml").write_text(to_yaml(plan))
-    for step in steps:
+    for i, step in enumerate(steps, 1):
+        head = f"[{i}/{len(steps)}] {step.plan.name} ({'stage ' if step.kind.isdigit() else ''}{step.kind})"
         entry = {"name": step.plan.name, "stage": step.kind, "output": str(step.output), "state": "running"}
         record["stages"].append(entry)
         started = time.perf_counter()
-        if _finished(step, plan):
+        if finished[i - 1]:
             # skipped: not run now; `seconds` stays what the stage took when it ran (if recorded)
             entry.update(state="skipped", seconds=earlier.get(step.plan.name))
-            log.info("pipeline: %s: finished before, skipped (%s)", step.plan.name, step.output)
+            echo(f"{head}: finished before, skipped ({step.output})")
         else:
             if main:
                 _write_record(out, plan.name, record)
-            log.info("pipeline: %s: stage %s → %s", step.plan.name, step.kind, step.out)
+            echo(f"{head}{': ' + step.plan.description if step.plan.description else ''} → {step.out}")
             try:
                 entry.update(_run_step(step, plan) or {})
             except BaseException:
@@ -462,15 +578,20 @@ def _write_record(out: Path, name: str, record: Mapping[str, Any]) -> None:
 
 
 def _step_args(step: Step, plan: Any) -> dict[str, Any]:
-    """What a shard / encoder / eval stage is run with (recorded beside its output)."""
+    """What a synth / shard / encoder / eval stage is run with (recorded beside its output)."""
     sp = step.plan
+    if step.kind == "synth":
+        return {"args": _args(sp)}
     if step.kind == "shard":
         return {"src": str(shard_src(plan, sp)), "manifest": sp.manifest, "split": sp.split,
                 "shard_size": sp.shard_size}
+    if step.kind == "encoder" and sp.make != "baseline":
+        return {"make": sp.make, "args": _args(sp)}
     if step.kind == "encoder":
-        return {"parent": str(step.parent.handoff), "seeds": list(plan.seeds)}
+        return {"parent": str(step.parent.handoff), "seeds": list(plan.seeds),
+                **({"weights": str(step.weights.output)} if step.weights else {})}
     return {"suite": sp.suite, "models": {k: str(v.output) for k, v in step.models.items()},
-            "roots": dict(plan.roots), "limit": sp.limit}
+            "roots": dict(plan.roots), "limit": sp.limit, **({"panels": sp.panels} if sp.panels else {})}
 
 
 def _finished(step: Step, plan: Any) -> bool:
@@ -500,16 +621,10 @@ def _runs(step: Step) -> list[tuple[Path, Any]]:
     cfg = step.cfg
     if not cfg.seeds:
         return [(step.out, cfg)]
-    from gkd.engine.runner import seed_run
+    from gkd.engine.runner import seed_overrides
 
-    runs = []
-    for seed in cfg.seeds:
-        extra = [f"seed={seed}", f"out_dir={step.out / f'seed{seed}'}", "seeds=[]"]
-        if step.parent is not None:
-            key = "encoder" if step.kind == "3" else "init"
-            extra.append(f"{key}={seed_run(step.parent.handoff, seed)}")
-        runs.append((step.out / f"seed{seed}", _parse(type_of(cfg), [*step.argv, *extra], int(step.kind))))
-    return runs
+    return [(step.out / f"seed{seed}", _parse(type_of(cfg), [*step.argv, *seed_overrides(int(step.kind), cfg, seed)],
+                                              int(step.kind))) for seed in cfg.seeds]
 
 
 def type_of(cfg: Any) -> type:
@@ -540,7 +655,8 @@ def launch_command(plan: Any, module_args: Sequence[str], sp: StagePlan | None =
     lp, world = plan.launch, world_size(plan, sp)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(world),
            "--num_machines", str(lp.num_machines), "--machine_rank", str(lp.machine_rank),
-           "--mixed_precision", str(lp.mixed_precision), "--dynamo_backend", "no"]
+           "--mixed_precision", str(lp.mixed_precision), "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", str(cpu_threads(plan, sp))]
     if world > 1:
         cmd.append("--multi_gpu")
     if lp.main_process_ip:
@@ -552,6 +668,17 @@ def launch_command(plan: Any, module_args: Sequence[str], sp: StagePlan | None =
     if lp.cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     return cmd, env
+
+
+def cpu_threads(plan: Any, sp: StagePlan | None = None) -> int:
+    """Torch threads per launched process (`launch.cpu_threads`, else $OMP_NUM_THREADS, else this
+    machine's cores over the stage's processes per machine)."""
+    if plan.launch.cpu_threads:
+        return int(plan.launch.cpu_threads)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    per_machine = sp.num_processes if sp is not None and sp.num_processes else plan.launch.num_processes
+    return max(1, len(os.sched_getaffinity(0)) // per_machine)
 
 
 def _launch(step: Step, plan: Any, module_args: Sequence[str]) -> None:
@@ -576,9 +703,11 @@ def _run_step(step: Step, plan: Any) -> dict[str, Any] | None:
         if sp.limit is not None:
             args += ["--limit", str(sp.limit)]
         args += ["--batch-size", str(sp.batch_size), "--workers", str(sp.num_workers)]
+        if sp.panels:
+            args += ["--panels", str(sp.panels)]
         _launch(step, plan, args)
-    elif plan.launch.machine_rank == 0:  # one writer of the shard / encoder files (shared storage)
-        report = _shard(step, plan) if step.kind == "shard" else _baseline_encoder(step, plan)
+    elif plan.launch.machine_rank == 0:  # one writer of the synth / shard / encoder files (shared storage)
+        report = {"synth": _synth, "shard": _shard, "encoder": _encoder}[step.kind](step, plan)
     else:
         _wait_for(step.output)
     if plan.launch.machine_rank == 0:
@@ -609,35 +738,46 @@ def shard_src(plan: Any, sp: StagePlan) -> Path:
 
 
 def _shard(step: Step, plan: Any) -> dict[str, Any]:
-    from gkd.data import write_shards
+    from gkd.tools.shard import shard_images
 
     sp = step.plan
-    src = shard_src(plan, sp)
-    files = source = None
-    if sp.manifest:
-        from gkd.data import load_manifest, manifest_image_files
-        from gkd.eval.protocol import split_record
-
-        files = manifest_image_files(sp.manifest, sp.split, root=src)
-        source = split_record(load_manifest(sp.manifest), sp.split, src, len(files))
-    index = write_shards(src, step.out, shard_size=sp.shard_size, files=files, source=source)
+    index = shard_images(shard_src(plan, sp), step.out, sp.manifest, sp.split, shard_size=sp.shard_size)
     if sp.expect_samples is not None and index.num_samples != sp.expect_samples:
         log.warning("pipeline: %s: the shards hold %d samples, the plan expected %d (expect_samples); the stages "
                     "reading them use the shards' count", sp.name, index.num_samples, sp.expect_samples)
     return {"samples": index.num_samples, "expected_samples": sp.expect_samples}
 
 
-def _baseline_encoder(step: Step, plan: Any) -> None:
-    from gkd.tools.encoders import write_baseline_encoder
+def _synth(step: Step, plan: Any) -> dict[str, Any]:
+    from gkd.data.synth import BenchmarkSizes, write_benchmark
 
+    args = _args(step.plan)
+    bench = write_benchmark(step.out, seed=int(args.pop("seed", 0)), sizes=BenchmarkSizes(**args), progress=True)
+    return {"images": bench.splits}
+
+
+def _encoder(step: Step, plan: Any) -> None:
+    from gkd.tools import encoders
+
+    sp = step.plan
+    if sp.make != "baseline":
+        args = _args(sp)
+        kwargs = dict(args.pop("kwargs", None) or {})  # the timm kwargs of the model
+        writer = encoders.write_student_encoder if sp.make == "student" else encoders.write_teacher_encoder
+        writer(step.output, **args, **kwargs)
+        return None
     parent = step.parent
+    # the start's weights resampled to the parent's geometry as the parent's stage resampled its own start
+    start = {} if step.weights is None else {"init": step.weights.output,
+                                             "patch_resample": parent.cfg.student.patch_resample}
     if not plan.seeds:
-        write_baseline_encoder(parent.output, step.output, seed=parent.cfg.seed)
-        return
+        encoders.write_baseline_encoder(parent.output, step.output, seed=parent.cfg.seed, **start)
+        return None
     from gkd.engine.runner import seed_run
 
-    runs = [str(write_baseline_encoder(seed_run(parent.handoff, s), step.out / f"seed{s}" / "encoder.safetensors",
-                                       seed=s)) for s in plan.seeds]
+    runs = [str(encoders.write_baseline_encoder(seed_run(parent.handoff, s),
+                                                step.out / f"seed{s}" / "encoder.safetensors", seed=s, **start))
+            for s in plan.seeds]
     (step.out / SEEDS_FILE).write_text(json.dumps({"stage": 0, "seeds": list(plan.seeds), "runs": runs}, indent=2) + "\n")
 
 
@@ -667,7 +807,8 @@ def describe(plan: Any, steps: Sequence[Step], missing: Sequence[str], calibrate
         row: dict[str, Any] = {"name": step.plan.name, "stage": step.kind, "output": str(step.output),
                                "finished": step.output.is_file()}
         if step.cfg is not None:
-            kwargs = {"world_size": world_size(plan, step.plan), "parent": _lineage(step) or None}
+            kwargs = {"world_size": world_size(plan, step.plan), "parent": _lineage(step) or None,
+                      "encoder_spec": _planned_spec(step)}
             cost = stage_cost(int(step.kind), _expected_count(step, steps), **kwargs)
             row.update({k: v for k, v in cost.items() if k != "stage"}, runs=runs)
             if calibrate:
@@ -727,6 +868,16 @@ def _lineage(step: Step) -> list[Any]:
             configs.insert(0, parent.cfg)
         parent = parent.parent
     return configs
+
+
+def _planned_spec(step: Step) -> Optional[dict[str, Any]]:
+    """A stage 3's encoder spec when its parent is a student / teacher encoder stage not written yet."""
+    p = step.parent
+    if step.kind != "3" or p is None or p.kind != "encoder" or p.plan.make == "baseline" or p.output.is_file():
+        return None
+    from gkd.tools.encoders import planned_encoder_spec
+
+    return planned_encoder_spec(p.plan.make, _args(p.plan))
 
 
 def _duration(seconds: float) -> str:
