@@ -209,6 +209,39 @@ def test_plan_overrides_reach_the_plan_and_its_stages(tmp_path, shards, folder_d
         pl.load_plan(tmp_path / "nope.yaml")
 
 
+def test_a_second_machine_launches_its_share_and_waits_for_machine_0s_files(tmp_path, shards, folder_dataset,
+                                                                           monkeypatch):
+    """Two machines × 2 processes: each stage is launched with the world of 4 and machine 1's rank and
+    rendezvous; the batch is checked against 4 processes; machine 1 writes no shard or encoder file, it
+    waits for machine 0's (shared storage)."""
+    import os
+
+    plan_file = write_plan(tmp_path / "plan.yaml", shards, folder_dataset, processes=2)
+    multi = ["launch.num_machines=2", "launch.machine_rank=1", "launch.main_process_ip=10.0.0.1",
+             "launch.main_process_port=29500"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    plan = pl.load_plan(plan_file, multi)
+    cmd, _ = pl.launch_command(plan, ["stage3"])
+    flags = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+    assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("4", "2", "1")
+    assert (flags["--main_process_ip"], flags["--main_process_port"], flags["--num_cpu_threads_per_process"]) == \
+        ("10.0.0.1", "29500", "4")
+    assert "--multi_gpu" in cmd and cmd[-2:] == ["gkd.cli", "stage3"]
+    one = pl.load_plan(plan_file, ["s3.data.batch_size=6"])
+    pl.check_plan(one, pl.resolve(one), need_data=False)  # 6 splits over one machine's 2 processes ...
+    six = pl.load_plan(plan_file, [*multi, "s3.data.batch_size=6"])
+    with pytest.raises(pl.PlanError, match=r"stage 's3'.*data.batch_size=6 does not split over 4"):
+        pl.check_plan(six, pl.resolve(six), need_data=False)  # ... not over 2 machines × 2 processes
+
+    steps = {s.plan.name: s for s in pl.resolve(plan)}
+    waited = []
+    monkeypatch.setattr(pl, "_wait_for", waited.append)
+    monkeypatch.setattr(pl, "_shard", lambda *a: pytest.fail("machine 1 must not write shards"))
+    pl._run_step(steps["src"], plan)
+    assert waited == [steps["src"].output] and not (steps["src"].out / pl.STEP_ARGS).exists()
+
+
 def test_launched_processes_share_the_cores_unless_told(tmp_path, shards, folder_dataset, monkeypatch):
     """accelerate launch alone gives each process OMP_NUM_THREADS=1; a plan passes its cores on."""
     import os
