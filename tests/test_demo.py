@@ -264,6 +264,19 @@ def test_dry_run_of_the_demo_plan_counts_what_its_stages_recorded(quick_run, tmp
     assert counted == 5
 
 
+def test_an_old_demo_run_is_cleared_a_plan_run_is_kept(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder in (old, new):
+        (folder / "stage1").mkdir(parents=True)
+        (folder / "stage1" / "config.yaml").write_text("seed: 0\n")
+        (folder / demo_run.MARKER).write_text("")
+    (new / "demo.pipeline.json").write_text("{}")
+    for folder in (old, new):
+        demo_run._prepare_out_dir(folder)
+    assert sorted(p.name for p in old.iterdir()) == [demo_run.MARKER]  # the in-process demo's layout: replaced
+    assert (new / "stage1" / "config.yaml").is_file()  # a plan's run: its finished stages are skipped
+
+
 def test_teacher_choice(tmp_path, monkeypatch):
     from gkd.models import imgfocus
 

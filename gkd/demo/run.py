@@ -168,9 +168,18 @@ def has_teacher_row(choice: TeacherChoice) -> bool:
 
 
 def _prepare_out_dir(out: Path) -> None:
-    """Create `out` (a demo run: the plan skips what is finished there); refuse a folder that holds other things."""
+    """Create `out` (a demo run: the plan skips what is finished there); refuse a folder that holds other
+    things. A run of the demo before it was a plan (a marker, no plan record) is cleared, as its marker said."""
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise DemoError(f"{out} exists and is not a gkd demo run directory; choose another --out")
+    if (out / MARKER).exists() and not (out / f"{PLAN}.pipeline.json").exists():
+        import shutil
+
+        for path in out.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `gkd demo`: a rerun skips the finished stages of the same plan\n")
 
