@@ -21,7 +21,7 @@
     gkd import-official FILE.pth --student NAME OUT   the authors' released stage-1/2 checkpoint as an encoder file
     gkd compare --plan PLAN.yaml [key=value]    methods at one matched compute budget → table + plot
     gkd compare --runs NAME=SEG ... --suite S   the same table from finished runs
-    gkd pipeline PLAN.yaml [key=value] [--dry-run]   a chain of stages (shard, 1, 2, 3, encoder, eval), each under
+    gkd pipeline PLAN.yaml [key=value] [--dry-run]   a chain of stages (shard, 1, 2, 3, encoder, eval, compare), each under
                                                 accelerate launch, handoffs wired, resumable; --dry-run: the cost
 """
 from __future__ import annotations

@@ -117,11 +117,7 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.yaml").write_text(to_yaml(plan))
-    order = sorted(plan.methods, key=lambda m: m != "teacher")  # task-level rows need the teacher segmentor
-    needs_teacher = any(_is_task(m) for m in plan.methods)
-    if needs_teacher and "teacher" not in plan.methods:
-        order.insert(0, "teacher")
-    segmentors = {m: _run_method(plan, m, out) for m in order}
+    segmentors = {m: _run_method(plan, m, out) for m in row_order(plan)}
     runs = {m: segmentors[m] for m in plan.methods}
     results = run_eval(list(runs.values()), plan.suite, out / "eval", roots=dict(plan.roots),
                        batch_size=plan.eval.batch_size, num_workers=plan.eval.num_workers, limit=plan.eval.limit,
@@ -130,6 +126,25 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
     table = compare_table(runs, results, plan.baseline)
     write_compare(table, out)
     return table
+
+
+def row_order(plan: ComparePlan) -> list[str]:
+    """The rows `run_compare` runs, in order: the teacher first, and added when only the task-level
+    rows need it (they distil from its segmentor)."""
+    order = sorted(plan.methods, key=lambda m: m != "teacher")
+    if any(_is_task(m) for m in plan.methods) and "teacher" not in plan.methods:
+        order.insert(0, "teacher")
+    return order
+
+
+def row_segmentor(out_dir: str | Path, method: str) -> Path:
+    """Where a comparison in `out_dir` writes a row's segmentor."""
+    return Path(out_dir) / method / "s3" / "segmentor.safetensors"
+
+
+def trained_rows(plan: ComparePlan) -> list[str]:
+    """The rows that train on the plan's budget (a given `teacher_segmentor` is reused, not trained)."""
+    return [m for m in row_order(plan) if not (m == "teacher" and plan.teacher_segmentor)]
 
 
 def _budget(plan: ComparePlan, share: float = 1.0) -> dict[str, Any]:
@@ -156,7 +171,7 @@ def _run_method(plan: ComparePlan, method: str, out: Path) -> Path:
     from gkd.tools.encoders import write_student_encoder, write_teacher_encoder
 
     root = out / method
-    final = root / "s3" / "segmentor.safetensors"
+    final = row_segmentor(out, method)
     if final.is_file():
         _check_reusable(plan, final)
         log.info("compare: %s: reusing %s", method, final)
@@ -184,7 +199,7 @@ def _run_method(plan: ComparePlan, method: str, out: Path) -> Path:
                                   checkpoint=s.checkpoint, seed=plan.seed, **s.kwargs)
         if method in ("none", "student"):
             return _segment(plan, root / "s3", encoder, {"train_encoder": method == "none"})
-        teacher = Path(plan.teacher_segmentor) if plan.teacher_segmentor else out / "teacher" / "s3" / "segmentor.safetensors"
+        teacher = Path(plan.teacher_segmentor) if plan.teacher_segmentor else row_segmentor(out, "teacher")
         return _segment(plan, root / "s3", encoder, {"method": {"name": method}, "teacher": str(teacher)})
     return _run_representation(plan, method, root)
 
@@ -358,8 +373,88 @@ def write_compare(table: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
     return paths
 
 
+# ------------------------------------------------------------------------------------------------
+# several seeds of one comparison
+
+
+def _stat(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (None for one value) of the finite values."""
+    import statistics
+
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None}
+
+
+def seed_summary(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean ± sample std per row over the seeds' `compare_table`s (seed name → table).
+
+    A row whose segmentor is the same file in several seeds (one teacher segmentor shared by all)
+    is one run, counted once."""
+    if not tables:
+        raise ValueError("no comparison tables to summarise")
+    first = next(iter(tables.values()))
+    targets, baseline = list(first["targets"]), first["baseline"]
+    runs: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    for seed, table in tables.items():
+        if list(table["targets"]) != targets:
+            raise ValueError(f"seed {seed}: targets {table['targets']} differ from {targets}")
+        for r in table["rows"]:
+            same = runs.setdefault(r["method"], [])
+            if all(r["segmentor"] != other["segmentor"] for _, other in same):
+                same.append((seed, r))
+    rows = []
+    for method, same in runs.items():
+        rs = [r for _, r in same]
+        rows.append({"method": method, "kind": rs[0]["kind"], "seeds": [s for s, _ in same],
+                     "train_seconds": _stat([r["train_seconds"] for r in rs])["mean"],
+                     "steps": _stat([r["steps"] for r in rs])["mean"],
+                     "mIoU": {t: _stat([r["mIoU"][t] for r in rs]) for t in targets},
+                     "mean": _stat([r["mean"] for r in rs])})
+    base = next((r["mean"]["mean"] for r in rows if r["method"] == baseline), None)
+    for r in rows:
+        r["gain"] = None if base is None or r["mean"]["mean"] is None else r["mean"]["mean"] - base
+    return {"format": "gkd-compare-seeds/1", "suite": first["suite"], "targets": targets, "baseline": baseline,
+            "seeds": list(tables), "rows": rows}
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    def cell(stat: Mapping[str, Any]) -> str:
+        if stat["mean"] is None:
+            return "–"
+        return f"{stat['mean']:.1f}" + ("" if stat["std"] is None else f" ± {stat['std']:.1f}")
+
+    header = ["method", "kind", "runs", "used: s (mean)", "steps (mean)", *summary["targets"], "mean",
+              f"gain vs {summary['baseline']}" if summary["baseline"] else "gain"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] * 2 + ["--:"] * (len(header) - 2)) + "|"]
+    for r in summary["rows"]:
+        gain = "–" if r["gain"] is None else f"{r['gain']:+.1f}"
+        lines.append("| " + " | ".join([r["method"], r["kind"], str(len(r["seeds"])), _fmt(r["train_seconds"], 0),
+                                         _fmt(r["steps"], 0), *(cell(r["mIoU"][t]) for t in summary["targets"]),
+                                         cell(r["mean"]), gain]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_summary(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """`seed_summary` of each seed's `<run>/compare.json` (seed name → run folder), written as
+    `<out_dir>/summary.md` and `summary.json`; the summary."""
+    tables = {}
+    for seed, run in runs.items():
+        path = Path(run) / COMPARE_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"seed {seed}: no {path} (that comparison has not finished)")
+        tables[seed] = json.loads(path.read_text())
+    summary = seed_summary(tables)
+    out = Path(out_dir)
+    (out / "summary.md").write_text(summary_markdown(summary))
+    (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=2) + "\n")
+    return summary
+
+
 def load_plan(path: str | Path | None, overrides: Sequence[str] = ()) -> ComparePlan:
     return load_config(ComparePlan, [path] if path else [], overrides)
 
 
-__all__ = ["ComparePlan", "run_compare", "compare_table", "write_compare", "load_plan", "check_methods"]
+__all__ = ["ComparePlan", "run_compare", "compare_table", "write_compare", "load_plan", "check_methods",
+           "row_order", "row_segmentor", "trained_rows", "seed_summary", "summary_markdown", "write_seed_summary"]

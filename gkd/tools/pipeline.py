@@ -13,7 +13,10 @@ A plan (`Plan`) lists its stages in order; each runs in `<out_dir>/<name>/`:
   a student at a geometry (random or weight-selected from a teacher: `args` as
   `gkd.tools.encoders.write_student_encoder`), which a stage 1 with it as `parent` starts from;
   `teacher`, the frozen teacher (`args` as `write_teacher_encoder`), the upper-bound row;
-* `eval`: `gkd eval` of the plan's segmentors on a suite, also under `accelerate launch`.
+* `eval`: `gkd eval` of the plan's segmentors on a suite, also under `accelerate launch`;
+* `compare`: `gkd compare --plan FILE` (its one `config` file, with `overrides`): methods at one
+  matched budget, one process; with seeds, once per seed (the first seed's teacher segmentor
+  serves the later ones unless `share_teacher: false`) and a mean ± std table, `summary.md`.
 
 The plan wires the handoffs: a stage's `parent` (default: the nearest earlier stage that makes what
 it needs) gives stage 2 its `init=`, stage 3 and `encoder` their encoder, `eval` its segmentors;
@@ -48,7 +51,7 @@ from gkd.config import (ConfigError, DistillConfig, SegmentConfig, check_world, 
 
 log = logging.getLogger(__name__)
 
-KINDS = ("synth", "shard", "1", "2", "3", "encoder", "eval")
+KINDS = ("synth", "shard", "1", "2", "3", "encoder", "eval", "compare")
 MAKES = ("baseline", "student", "teacher")  # what an encoder stage writes
 SEEDS_FILE = "seeds.json"
 STEP_ARGS = "step.json"  # a synth / shard / encoder / eval stage's arguments, to tell a finished one of this plan
@@ -74,9 +77,9 @@ class LaunchPlan:
 @dataclass
 class StagePlan:
     name: str = MISSING  # its folder under out_dir; stage overrides on the command line: <name>.key=value
-    stage: str = MISSING  # synth | shard | 1 | 2 | 3 | encoder | eval
+    stage: str = MISSING  # synth | shard | 1 | 2 | 3 | encoder | eval | compare
     description: str = ""  # printed when the stage starts
-    config: list[str] = field(default_factory=list)  # config files (overlays, in order)
+    config: list[str] = field(default_factory=list)  # config files (overlays, in order); compare: its one plan file
     overrides: list[str] = field(default_factory=list)  # key=value
     # the stage whose handoff this one takes (default: the nearest earlier one; a stage 1 only when named:
     # an encoder stage whose file is its student.checkpoint)
@@ -100,6 +103,8 @@ class StagePlan:
     batch_size: int = 1
     num_workers: int = 2
     panels: int = 0  # rows of the image | ground truth | predictions PNG per target (0: none)
+    # compare with seeds: the first seed's teacher segmentor serves the later seeds (trained once)
+    share_teacher: bool = True
 
 
 @dataclass
@@ -188,6 +193,7 @@ class Step:
     parent: Optional["Step"] = None
     weights: Optional["Step"] = None  # a baseline encoder's start
     models: dict[str, "Step"] = field(default_factory=dict)  # eval
+    compare: list[tuple[Path, list[str], Any]] = field(default_factory=list)  # (folder, overrides, plan) per run
 
     @property
     def kind(self) -> str:
@@ -204,6 +210,8 @@ class Step:
             return self.out / "train-index.json"
         if self.kind == "eval":
             return self.out / "metrics.json"
+        if self.kind == "compare":
+            return self.out / ("summary.json" if self.seeds else "compare.json")
         if self.seeds:
             return self.out / SEEDS_FILE
         return self.out / ("segmentor.safetensors" if self.kind == "3" else "encoder.safetensors")
@@ -219,7 +227,7 @@ _NEEDS = {"2": ("1", "2"), "3": ("1", "2", "encoder"), "encoder": ("1", "2")}  #
 
 def _seeded(sp: StagePlan) -> bool:
     """Whether the plan's seeds fan the stage out (a student or teacher encoder is one file for all)."""
-    return sp.stage in ("1", "2", "3") or (sp.stage == "encoder" and sp.make == "baseline")
+    return sp.stage in ("1", "2", "3", "compare") or (sp.stage == "encoder" and sp.make == "baseline")
 
 
 def resolve(plan: Any) -> list[Step]:
@@ -245,6 +253,8 @@ def resolve(plan: Any) -> list[Step]:
             _wire(step, sp, by_name, steps)
             if sp.stage in ("1", "2", "3"):
                 _configure(step, plan)
+            elif sp.stage == "compare":
+                _configure_compare(step, plan)
         except (ConfigError, ValueError) as e:
             problems.append(f"{where}: {e}")
         steps.append(step)
@@ -336,6 +346,49 @@ def _configure(step: Step, plan: Any) -> None:
         raise ConfigError(f"its config says stage={step.cfg.stage}")
 
 
+def _configure_compare(step: Step, plan: Any) -> None:
+    """A compare stage's runs: its plan file with the stage's overrides, the plan's roots, and per
+    seed `seed=` and `out_dir=` (the later seeds given the first one's teacher segmentor)."""
+    from gkd.tools import compare
+
+    sp = step.plan
+    if len(sp.config) != 1:
+        raise ValueError(f"a compare stage takes config: [one gkd compare plan file], not {list(sp.config)}")
+    if sp.num_processes not in (None, 1):
+        raise ValueError("a compare stage runs as one process (num_processes: 1)")
+    own = [*sp.overrides, *(f"roots.{m}={r}" for m, r in plan.roots.items())]
+    for k, seed in enumerate(step.seeds or [None]):
+        out = step.out if seed is None else step.out / f"seed{seed}"
+        wired = [f"out_dir={out}", *([] if seed is None else [f"seed={seed}"])]
+        if k and sp.share_teacher:
+            first = step.compare[0][2]
+            if not first.teacher_segmentor and "teacher" in compare.row_order(first):
+                wired.append(f"teacher_segmentor={compare.row_segmentor(first.out_dir, 'teacher')}")
+        cfg = compare.load_plan(sp.config[0], [*own, *wired])
+        compare.check_methods(cfg.methods, cfg.baseline)
+        if not k:
+            from omegaconf import OmegaConf
+
+            for name, c in _compare_configs(cfg).items():
+                key = ("data", "manifest") if name == "stage3" else ("data", "train_shards")
+                if OmegaConf.is_missing(c[key[0]], key[1]):
+                    raise ValueError(f"its {name} configs give no {'.'.join(key)}")
+        step.compare.append((out, [*own, *wired], cfg))
+
+
+def _compare_configs(cfg: Any) -> dict[str, Any]:
+    """The stage configs a comparison trains with (`stage3`; `stage1`, `stage2` where it has a
+    representation-level row), parsed for the plan's checks; the encoder is the run's own."""
+    from gkd.distill import METHODS
+
+    configs = {"stage3": load_config(SegmentConfig, cfg.stage3, cfg.stage3_overrides, base={"encoder": "<row>"})}
+    if any(m in METHODS and METHODS[m].level == "representation" for m in cfg.methods):
+        r = cfg.representation
+        for stage, overlays in ((1, r.stage1), (2, r.stage2)):
+            configs[f"stage{stage}"] = load_config(DistillConfig, overlays, r.overrides, base={"stage": stage})
+    return configs
+
+
 def _args(sp: StagePlan) -> dict[str, Any]:
     """A stage's `args` as plain Python values (nested ones too)."""
     from omegaconf import OmegaConf
@@ -415,15 +468,17 @@ def _training_splits(steps: Sequence[Step]) -> dict[tuple[str, str], str]:
     for s in steps:
         if s.kind == "shard" and s.plan.manifest:
             used[(_manifest_name(s.plan.manifest), s.plan.split)] = s.plan.name
-        if s.kind == "3":
-            used[(_manifest_name(s.cfg.data.manifest), s.cfg.data.split)] = s.plan.name
-            if s.cfg.select.split:
-                used[(_manifest_name(s.cfg.data.manifest), s.cfg.select.split)] = f"{s.plan.name} (selection)"
+        s3s = [s.cfg] if s.kind == "3" else [_compare_configs(c)["stage3"] for _, _, c in s.compare[:1]]
+        for s3 in s3s:
+            used[(_manifest_name(s3.data.manifest), s3.data.split)] = s.plan.name
+            if s3.select.split:
+                used[(_manifest_name(s3.data.manifest), s3.select.split)] = f"{s.plan.name} (selection)"
     return used
 
 
 def root_for(plan: Any, manifest: str) -> Optional[str]:
-    """The plan's root of a manifest, by the name the stage gives or the manifest's own name."""
+    """The plan's (or a compare plan's) root of a manifest, by the name the stage gives or the
+    manifest's own name."""
     return plan.roots.get(manifest) or plan.roots.get(_manifest_name(manifest))
 
 
@@ -441,10 +496,10 @@ def _overlaps(steps: Sequence[Step]) -> list[str]:
 
     used, problems = _training_splits(steps), []
     for s in steps:
-        if s.kind != "eval":
+        if s.kind not in ("eval", "compare"):
             continue
         try:
-            suite = load_suite(s.plan.suite)
+            suite = load_suite(s.plan.suite if s.kind == "eval" else s.compare[0][2].suite)
         except Exception as e:  # noqa: BLE001 - a bad suite is one of the plan's reasons
             problems.append(f"stage {s.plan.name!r}: {e}")
             continue
@@ -491,6 +546,34 @@ def _missing_data(plan: Any, steps: Sequence[Step]) -> list[str]:
 
             for t in load_suite(s.plan.suite).targets:
                 check_root(f"{where}: target {t.name}", t.manifest, root_for(plan, t.manifest))
+        if s.kind == "compare":
+            missing += _compare_missing(s, steps, check_root)
+    return missing
+
+
+def _compare_missing(step: Step, steps: Sequence[Step], check_root: Callable[[str, str, Optional[str]], None]) -> list[str]:
+    """A compare stage's absent data: its targets' and stage 3's roots (through `check_root`), the
+    shards of its stages 1 and 2 that no shard stage of the plan writes, a given teacher segmentor."""
+    from gkd.eval.targets import load_suite
+    from gkd.tools.compare import row_segmentor
+
+    where, missing = f"stage {step.plan.name!r}", []
+    cfg = step.compare[0][2]
+    configs = _compare_configs(cfg)
+    s3 = configs["stage3"]
+    check_root(f"{where}: stage 3", s3.data.manifest, s3.data.root)
+    for t in load_suite(cfg.suite).targets:
+        check_root(f"{where}: target {t.name}", t.manifest, root_for(cfg, t.manifest))
+    written = [s.out.resolve() for s in steps if s.kind == "shard"]
+    for name in ("stage1", "stage2"):
+        pattern = str(configs[name].data.train_shards) if name in configs else None
+        if pattern and not any(Path(pattern).resolve().is_relative_to(w) for w in written) and not _shards_exist(pattern):
+            missing.append(f"{where}: {name} data.train_shards={pattern}")
+    wired = {str(row_segmentor(c.out_dir, "teacher")) for _, _, c in step.compare}
+    for _, _, c in step.compare:
+        if c.teacher_segmentor and c.teacher_segmentor not in wired and not Path(c.teacher_segmentor).is_file():
+            missing.append(f"{where}: teacher_segmentor={c.teacher_segmentor}")
+            break
     return missing
 
 
@@ -597,6 +680,8 @@ def _step_args(step: Step, plan: Any) -> dict[str, Any]:
 def _finished(step: Step, plan: Any) -> bool:
     """The stage's output exists and was made by this plan's resolved config; an output of another
     config is an error (the plan would silently mix runs)."""
+    if step.kind == "compare":
+        return _compare_finished(step)
     if not step.output.is_file():
         return False
     if step.cfg is None:
@@ -613,6 +698,23 @@ def _finished(step: Step, plan: Any) -> bool:
             raise PlanError(f"stage {step.plan.name!r}: {run_dir} holds a finished run of another config "
                             f"({_diff(saved, cfg)}); give the plan another out_dir, or delete that run")
     return True
+
+
+def _compare_finished(step: Step) -> bool:
+    """Every run of the compare stage has its table (and, with seeds, the summary covers them); a
+    run folder holding another comparison plan is an error, finished or not (its rows would be
+    reused under this plan's name)."""
+    done = True
+    for run_dir, _, cfg in step.compare:
+        saved = run_dir / "plan.yaml"
+        if saved.is_file() and saved.read_text() != to_yaml(cfg):
+            raise PlanError(f"stage {step.plan.name!r}: {run_dir} holds a comparison of another plan ({saved} differs); "
+                            "give the plan another out_dir, or delete that folder")
+        done = done and (run_dir / "compare.json").is_file()
+    if done and step.seeds:
+        summary = json.loads(step.output.read_text()) if step.output.is_file() else {}
+        done = summary.get("seeds") == [f"seed{s}" for s in step.seeds]
+    return done
 
 
 def _runs(step: Step) -> list[tuple[Path, Any]]:
@@ -664,10 +766,14 @@ def launch_command(plan: Any, module_args: Sequence[str], sp: StagePlan | None =
     if lp.main_process_port:
         cmd += ["--main_process_port", str(lp.main_process_port)]
     cmd += [*map(str, lp.args), "-m", "gkd.cli", *module_args]
+    return cmd, _env(plan)
+
+
+def _env(plan: Any) -> dict[str, str]:
     env = dict(os.environ)
-    if lp.cpu:
+    if plan.launch.cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-    return cmd, env
+    return env
 
 
 def cpu_threads(plan: Any, sp: StagePlan | None = None) -> int:
@@ -677,13 +783,20 @@ def cpu_threads(plan: Any, sp: StagePlan | None = None) -> int:
         return int(plan.launch.cpu_threads)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
-    per_machine = sp.num_processes if sp is not None and sp.num_processes else plan.launch.num_processes
+    if sp is not None and sp.stage == "compare":
+        per_machine = 1
+    else:
+        per_machine = sp.num_processes if sp is not None and sp.num_processes else plan.launch.num_processes
     return max(1, len(os.sched_getaffinity(0)) // per_machine)
 
 
 def _launch(step: Step, plan: Any, module_args: Sequence[str]) -> None:
     cmd, env = launch_command(plan, module_args, step.plan)
-    done = subprocess.run(cmd, env=env)
+    _call(step, cmd, env)
+
+
+def _call(step: Step, cmd: Sequence[str], env: Mapping[str, str]) -> None:
+    done = subprocess.run(list(cmd), env=dict(env))
     if done.returncode != 0:
         raise PlanError(f"stage {step.plan.name!r} failed (exit status {done.returncode}); its output above says why. "
                         f"Rerunning the plan resumes it from its last checkpoint. Command: {' '.join(cmd)}")
@@ -694,6 +807,12 @@ def _run_step(step: Step, plan: Any) -> dict[str, Any] | None:
     sp = step.plan
     if step.kind in ("1", "2", "3"):
         _launch(step, plan, [f"stage{step.kind}", *step.argv])
+        return None
+    if step.kind == "compare":
+        if plan.launch.machine_rank == 0:
+            _compare(step, plan)
+        else:
+            _wait_for(step.output)
         return None
     report = None
     if step.kind == "eval":
@@ -713,6 +832,22 @@ def _run_step(step: Step, plan: Any) -> dict[str, Any] | None:
     if plan.launch.machine_rank == 0:
         (step.out / STEP_ARGS).write_text(json.dumps(_step_args(step, plan), indent=2) + "\n")
     return report
+
+
+def _compare(step: Step, plan: Any) -> None:
+    """Each run of a compare stage as its own `gkd compare` process (a finished one is kept), then
+    the mean ± std summary over the seeds."""
+    from gkd.tools.compare import summary_markdown, write_seed_summary
+
+    env = {**_env(plan), "OMP_NUM_THREADS": str(cpu_threads(plan, step.plan))}
+    for run_dir, overrides, cfg in step.compare:
+        if (run_dir / "compare.json").is_file():  # _compare_finished checked its plan.yaml
+            log.info("pipeline: %s: %s finished before, kept", step.plan.name, run_dir)
+            continue
+        _call(step, [sys.executable, "-m", "gkd.cli", "compare", "--plan", step.plan.config[0], *overrides], env)
+    if step.seeds:
+        summary = write_seed_summary({run_dir.name: run_dir for run_dir, _, _ in step.compare}, step.out)
+        print(summary_markdown(summary) + f"wrote {step.out}/summary.md, summary.json", flush=True)
 
 
 def _eval_models(step: Step) -> list[str]:
@@ -827,6 +962,10 @@ def describe(plan: Any, steps: Sequence[Step], missing: Sequence[str], calibrate
                              + " (lower bound: no data loading, optimizer update or all-reduce)")
             lines += [f"    {n}" for n in cost.get("notes", [])]
             lines.append("    " + " ".join(step.argv))
+        elif step.kind == "compare":
+            row.update(_compare_cost(step))
+            lines.append(f"- {step.plan.name} (compare): {step.plan.config[0]}; " + row["text"])
+            lines += [f"    {' '.join(o)}" for _, o, _ in step.compare]
         else:
             try:
                 args = _step_args(step, plan)
@@ -835,11 +974,15 @@ def describe(plan: Any, steps: Sequence[Step], missing: Sequence[str], calibrate
             lines.append(f"- {step.plan.name} ({step.kind}): " + json.dumps(args))
         rows.append(row)
     known = [r["train_tflops"] * r["runs"] for r in rows if r.get("train_tflops") is not None]
-    unknown = [r["name"] for r in rows if "flops_per_step" in r and r.get("train_tflops") is None]
-    total = {"train_tflops": sum(known), "stages_of_unknown_length": unknown}
-    lines.append(f"total: {sum(known):.4g} training TFLOPs" + (f" (+ {', '.join(unknown)}: steps unknown)" if unknown else ""))
+    unknown = [r["name"] for r in rows if ("flops_per_step" in r or r["stage"] == "compare")
+               and r.get("train_tflops") is None]
+    budgeted = sum(r.get("budget_seconds") or 0.0 for r in rows)  # compare rows on a seconds budget
+    total = {"train_tflops": sum(known), "stages_of_unknown_length": unknown, "budget_seconds": budgeted}
+    lines.append(f"total: {sum(known):.4g} training TFLOPs" + (f" (+ {', '.join(unknown)}: not counted)" if unknown else ""))
+    if budgeted:
+        lines.append(f"compare stages on a seconds budget: {_duration(budgeted)} of training (+ evaluation)")
     if calibrate:
-        total["seconds"] = sum(r["seconds"] for r in rows if r.get("seconds") is not None)
+        total["seconds"] = sum(r["seconds"] for r in rows if r.get("seconds") is not None) + budgeted
         lines.append(f"total wall-clock on this machine, training stages: {_duration(total['seconds'])} (lower bound)")
     lines.append("reference GPU: none yet: BENCHMARKS.md has no measured GPU training throughput to scale by; "
                  "run --dry-run --calibrate on the machine that will train")
@@ -848,6 +991,26 @@ def describe(plan: Any, steps: Sequence[Step], missing: Sequence[str], calibrate
         lines += [f"  {m}" for m in missing]
     print("\n".join(lines))
     return {"plan": plan.name, "stages": rows, "total": total, "missing": list(missing)}
+
+
+def _compare_cost(step: Step) -> dict[str, Any]:
+    """A compare stage's budget: every row it trains gets `budget.amount` (summed over the row's
+    stages), so its cost is that times the rows trained over the runs; FLOPs are known for a
+    `tflops` budget, wall-clock for a `seconds` one, neither for `steps`."""
+    from gkd.tools.compare import trained_rows
+
+    rows = [m for _, _, cfg in step.compare for m in trained_rows(cfg)]
+    budget = step.compare[0][2].budget
+    total = float(budget.amount) * len(rows)
+    cost = {"budget_kind": budget.kind, "budget_amount": float(budget.amount), "rows_trained": len(rows), "runs": 1,
+            "train_tflops": total if budget.kind == "tflops" else None,
+            "budget_seconds": total if budget.kind == "seconds" else None}
+    runs = f" over {len(step.compare)} runs" if len(step.compare) > 1 else ""
+    spent = {"tflops": f"{total:.4g} TFLOPs", "seconds": f"{_duration(total)} of training",
+             "steps": f"{total:,.0f} steps (FLOPs not counted ahead)"}[budget.kind]
+    cost["text"] = (f"{len(rows)} rows trained{runs} ({', '.join(dict.fromkeys(rows))}) at {budget.amount:g} "
+                    f"{budget.kind} each: {spent}, + evaluation")
+    return cost
 
 
 def _expected_count(step: Step, steps: Sequence[Step]) -> Any:
