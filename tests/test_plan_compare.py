@@ -163,12 +163,19 @@ def test_seed_summary_is_the_mean_and_sample_std_and_counts_a_shared_row_once():
 
     summary = seed_summary({"seed0": table(0, 20.0, 24.0), "seed1": table(1, 22.0, 30.0), "seed2": table(2, 24.0, 27.0)})
     rows = {r["method"]: r for r in summary["rows"]}
-    assert rows["teacher"]["seeds"] == ["seed0"] and rows["teacher"]["mean"] == {"mean": 50.0, "std": None}
-    assert rows["none"]["mean"] == {"mean": 22.0, "std": 2.0} and rows["kd"]["mIoU"]["A"] == {"mean": 27.0, "std": 3.0}
+    assert rows["teacher"]["seeds"] == ["seed0"] and rows["teacher"]["mean"] == {"mean": 50.0, "std": None, "n": 1}
+    assert rows["none"]["mean"] == {"mean": 22.0, "std": 2.0, "n": 3}
+    assert rows["kd"]["mIoU"]["A"] == {"mean": 27.0, "std": 3.0, "n": 3}
     assert rows["kd"]["gain"] == 5.0 and rows["none"]["train_seconds"] == 11.0
     md = summary_markdown(summary)
     assert "| teacher | teacher | 1 | 10 | 4 | 50.0 | 50.0 | +28.0 |" in md
     assert "| kd | kd | 3 | 11 | 4 | 27.0 ± 3.0 | 27.0 ± 3.0 | +5.0 |" in md
+    # a run without a score (NaN: a class-less target) is left out of its cell, and the cell says so
+    gappy = table(2, float("nan"), 27.0)
+    summary = seed_summary({"seed0": table(0, 20.0, 24.0), "seed1": table(1, 22.0, 30.0), "seed2": gappy})
+    none = next(r for r in summary["rows"] if r["method"] == "none")
+    assert none["mean"] == {"mean": 21.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    assert "| none | none | 3 | 11 | 4 | 21.0 ± 1.4 (of 2 runs) |" in summary_markdown(summary)
     with pytest.raises(ValueError, match="targets"):
         seed_summary({"seed0": table(0, 1, 2), "seed1": {**table(1, 1, 2), "targets": ["B"]}})
 

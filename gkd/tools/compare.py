@@ -129,8 +129,8 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
 
 
 def row_order(plan: ComparePlan) -> list[str]:
-    """The rows `run_compare` runs, in order: the teacher first, and added when only the task-level
-    rows need it (they distil from its segmentor)."""
+    """The rows `run_compare` runs, in order: the teacher first, added where task-level rows need
+    its segmentor and the methods do not list it."""
     order = sorted(plan.methods, key=lambda m: m != "teacher")
     if any(_is_task(m) for m in plan.methods) and "teacher" not in plan.methods:
         order.insert(0, "teacher")
@@ -378,13 +378,14 @@ def write_compare(table: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
 
 
 def _stat(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation (None for one value) of the finite values."""
+    """Mean and sample standard deviation (None for one value) of the finite values, and their
+    count `n` (a run without a score for a target is left out of that cell, and shown)."""
     import statistics
 
     vals = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not vals:
-        return {"mean": None, "std": None}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None}
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
 
 
 def seed_summary(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -420,10 +421,11 @@ def seed_summary(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
-    def cell(stat: Mapping[str, Any]) -> str:
+    def cell(stat: Mapping[str, Any], runs: int) -> str:
         if stat["mean"] is None:
             return "–"
-        return f"{stat['mean']:.1f}" + ("" if stat["std"] is None else f" ± {stat['std']:.1f}")
+        return (f"{stat['mean']:.1f}" + ("" if stat["std"] is None else f" ± {stat['std']:.1f}")
+                + ("" if stat["n"] == runs else f" (of {stat['n']} runs)"))
 
     header = ["method", "kind", "runs", "used: s (mean)", "steps (mean)", *summary["targets"], "mean",
               f"gain vs {summary['baseline']}" if summary["baseline"] else "gain"]
@@ -431,8 +433,9 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     for r in summary["rows"]:
         gain = "–" if r["gain"] is None else f"{r['gain']:+.1f}"
         lines.append("| " + " | ".join([r["method"], r["kind"], str(len(r["seeds"])), _fmt(r["train_seconds"], 0),
-                                         _fmt(r["steps"], 0), *(cell(r["mIoU"][t]) for t in summary["targets"]),
-                                         cell(r["mean"]), gain]) + " |")
+                                         _fmt(r["steps"], 0),
+                                         *(cell(r["mIoU"][t], len(r["seeds"])) for t in summary["targets"]),
+                                         cell(r["mean"], len(r["seeds"])), gain]) + " |")
     return "\n".join(lines) + "\n"
 
 
