@@ -194,6 +194,7 @@ class Step:
     weights: Optional["Step"] = None  # a baseline encoder's start
     models: dict[str, "Step"] = field(default_factory=dict)  # eval
     compare: list[tuple[Path, list[str], Any]] = field(default_factory=list)  # (folder, overrides, plan) per run
+    compare_stages: dict[str, Any] = field(default_factory=dict)  # its rows' stage configs (`_compare_configs`)
 
     @property
     def kind(self) -> str:
@@ -366,14 +367,15 @@ def _configure_compare(step: Step, plan: Any) -> None:
                 wired.append(f"teacher_segmentor={compare.row_segmentor(first.out_dir, 'teacher')}")
         cfg = compare.load_plan(sp.config[0], [*own, *wired])
         compare.check_methods(cfg.methods, cfg.baseline)
-        if not k:
-            from omegaconf import OmegaConf
-
-            for name, c in _compare_configs(cfg).items():
-                key = ("data", "manifest") if name == "stage3" else ("data", "train_shards")
-                if OmegaConf.is_missing(c[key[0]], key[1]):
-                    raise ValueError(f"its {name} configs give no {'.'.join(key)}")
         step.compare.append((out, [*own, *wired], cfg))
+    from omegaconf import OmegaConf
+
+    # the seeds differ only in seed, out_dir and the teacher: one parse of the stage configs serves them all
+    step.compare_stages = _compare_configs(step.compare[0][2])
+    for name, c in step.compare_stages.items():
+        key = "manifest" if name == "stage3" else "train_shards"
+        if OmegaConf.is_missing(c.data, key):
+            raise ValueError(f"its {name} configs give no data.{key}")
 
 
 def _compare_configs(cfg: Any) -> dict[str, Any]:
@@ -468,8 +470,8 @@ def _training_splits(steps: Sequence[Step]) -> dict[tuple[str, str], str]:
     for s in steps:
         if s.kind == "shard" and s.plan.manifest:
             used[(_manifest_name(s.plan.manifest), s.plan.split)] = s.plan.name
-        s3s = [s.cfg] if s.kind == "3" else [_compare_configs(c)["stage3"] for _, _, c in s.compare[:1]]
-        for s3 in s3s:
+        s3 = s.cfg if s.kind == "3" else s.compare_stages.get("stage3")  # a compare stage's stage-3 recipe
+        if s3 is not None:
             used[(_manifest_name(s3.data.manifest), s3.data.split)] = s.plan.name
             if s3.select.split:
                 used[(_manifest_name(s3.data.manifest), s3.select.split)] = f"{s.plan.name} (selection)"
@@ -519,7 +521,7 @@ def _missing_data(plan: Any, steps: Sequence[Step]) -> list[str]:
     written = [s.out.resolve() for s in steps if s.kind == "synth"]  # data an earlier stage generates
 
     def generated(path: Optional[str]) -> bool:
-        return path is not None and any(Path(path).resolve().is_relative_to(w) for w in written)
+        return path is not None and _under(path, written)
 
     def check_root(where: str, manifest: str, root: Optional[str]) -> None:
         try:
@@ -559,7 +561,7 @@ def _compare_missing(step: Step, steps: Sequence[Step], check_root: Callable[[st
 
     where, missing = f"stage {step.plan.name!r}", []
     cfg = step.compare[0][2]
-    configs = _compare_configs(cfg)
+    configs = step.compare_stages
     s3 = configs["stage3"]
     check_root(f"{where}: stage 3", s3.data.manifest, s3.data.root)
     for t in load_suite(cfg.suite).targets:
@@ -567,7 +569,7 @@ def _compare_missing(step: Step, steps: Sequence[Step], check_root: Callable[[st
     written = [s.out.resolve() for s in steps if s.kind == "shard"]
     for name in ("stage1", "stage2"):
         pattern = str(configs[name].data.train_shards) if name in configs else None
-        if pattern and not any(Path(pattern).resolve().is_relative_to(w) for w in written) and not _shards_exist(pattern):
+        if pattern and not _under(pattern, written) and not _shards_exist(pattern):
             missing.append(f"{where}: {name} data.train_shards={pattern}")
     wired = {str(row_segmentor(c.out_dir, "teacher")) for _, _, c in step.compare}
     for _, _, c in step.compare:
@@ -575,6 +577,11 @@ def _compare_missing(step: Step, steps: Sequence[Step], check_root: Callable[[st
             missing.append(f"{where}: teacher_segmentor={c.teacher_segmentor}")
             break
     return missing
+
+
+def _under(path: str, folders: Sequence[Path]) -> bool:
+    """Whether `path` lies in one of the (resolved) folders an earlier stage writes."""
+    return any(Path(path).resolve().is_relative_to(f) for f in folders)
 
 
 def _shards_exist(pattern: str) -> bool:
@@ -745,10 +752,16 @@ def _diff(saved: Path, cfg: Any) -> str:
     return "differing keys: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
 
 
+def _per_machine(plan: Any, sp: StagePlan | None = None) -> int:
+    """Processes of a stage on each machine (a compare stage is one process)."""
+    if sp is not None and sp.stage == "compare":
+        return 1
+    return sp.num_processes if sp is not None and sp.num_processes else plan.launch.num_processes
+
+
 def world_size(plan: Any, sp: StagePlan | None = None) -> int:
     """Processes of a stage over all machines."""
-    per_machine = sp.num_processes if sp is not None and sp.num_processes else plan.launch.num_processes
-    return per_machine * plan.launch.num_machines
+    return _per_machine(plan, sp) * plan.launch.num_machines
 
 
 def launch_command(plan: Any, module_args: Sequence[str], sp: StagePlan | None = None) -> tuple[list[str], dict[str, str]]:
@@ -783,11 +796,7 @@ def cpu_threads(plan: Any, sp: StagePlan | None = None) -> int:
         return int(plan.launch.cpu_threads)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
-    if sp is not None and sp.stage == "compare":
-        per_machine = 1
-    else:
-        per_machine = sp.num_processes if sp is not None and sp.num_processes else plan.launch.num_processes
-    return max(1, len(os.sched_getaffinity(0)) // per_machine)
+    return max(1, len(os.sched_getaffinity(0)) // _per_machine(plan, sp))
 
 
 def _launch(step: Step, plan: Any, module_args: Sequence[str]) -> None:
